@@ -1,0 +1,64 @@
+"""The `onebase` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from onebase.errors import OnebaseError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="onebase", description="one base model, many specialists")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a job spec on Ray Train + DeepSpeed, tracked in MLflow")
+    run.add_argument("spec", help="job spec YAML")
+    run.add_argument("--address", help="Ray cluster address ('auto' for a running local cluster)")
+    run.add_argument("--resume", action="store_true", help="continue the last run of this job from its checkpoint")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else ./mlflow.db)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec field, e.g. --set train.max_steps=20")
+
+    validate = sub.add_parser("validate", help="check a job spec without running it")
+    validate.add_argument("spec")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except OnebaseError as err:
+        print(f"onebase: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("onebase: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from onebase.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)  # fails fast, before importing Ray or torch
+    from onebase.train.launch import print_summary, run_job
+
+    result = run_job(spec, Path(args.spec).read_text(), address=args.address, resume=args.resume,
+                     tracking_uri=args.tracking_uri)
+    print_summary(result)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from onebase.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    print(f"{args.spec}: ok ({spec.task}, method {spec.method.name}, {spec.scaling.num_workers} worker(s), "
+          f"ZeRO-{spec.deepspeed.stage})")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: read rows from bundled or user sources, split, tokenize per task."""

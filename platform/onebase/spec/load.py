@@ -1,0 +1,62 @@
+"""Load a YAML job spec, apply `--set a.b=c` overrides, validate into a JobSpec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from onebase.errors import SpecError
+from onebase.spec.schema import JobSpec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read and validate a spec file; raise SpecError with one line on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec is a YAML mapping")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {describe(err)}") from None
+
+
+def describe(err: ValidationError) -> str:
+    """The first validation problem as 'field.path: message'."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set a dotted key from 'a.b.c=value'; the value is parsed as YAML (numbers, lists, bools)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {item!r}: expected key.path=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {key}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)

@@ -1,0 +1,200 @@
+"""The job spec: one YAML document describes one training job.
+
+Every model forbids unknown fields, so a typo in a spec fails before Ray starts.
+Method-specific fields live under `method:` and are validated by the method's own
+config class from the method registry (see onebase.methods).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+TaskName = Literal["sequence-classification", "token-classification", "extractive-qa", "causal-lm"]
+
+# Column roles each task reads from a user CSV/JSONL, with the default column names.
+TASK_COLUMNS: dict[str, dict[str, str]] = {
+    "sequence-classification": {"text": "text", "text_pair": "", "label": "label"},
+    "token-classification": {"tokens": "tokens", "tags": "tags"},
+    "extractive-qa": {"question": "question", "context": "context", "answer": "answer",
+                      "answer_start": "answer_start"},
+    "causal-lm": {"instruction": "instruction", "input": "input", "response": "response"},
+}
+# Roles that may be absent from the data (their column is optional).
+OPTIONAL_ROLES = {"text_pair", "instruction", "input"}
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    name: str = Field(description="bundled name (minilm, smollm2-135m-instruct), local HF dir, or hub id")
+    init: Literal["pretrained", "random"] = "pretrained"
+    config_overrides: dict[str, Any] = Field(default_factory=dict)
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _overrides_need_random_init(self) -> ModelSpec:
+        if self.config_overrides and self.init == "pretrained":
+            raise ValueError("config_overrides changes the architecture; it needs init: random")
+        return self
+
+
+class ValidationSpec(Strict):
+    fraction: float = Field(0.1, gt=0, lt=1)
+    path: str | None = None
+    seed: int = 42
+    max_samples: int | None = Field(None, gt=0)
+
+
+class DataSpec(Strict):
+    source: str = Field(description="bundled:tweet-sentiment, bundled:chat-pairs, or a .csv/.jsonl path")
+    columns: dict[str, str] = Field(default_factory=dict)
+    labels: list[str] | None = None
+    max_samples: int | None = Field(None, gt=0)
+    max_length: int = Field(128, ge=8, le=32768)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
+            raise ValueError("needs at least two distinct labels")
+        return labels
+
+
+class PromptSpec(Strict):
+    template: str = Field(
+        "chat", description="chat (the tokenizer's chat template), alpaca, or a string with {instruction} and {input}"
+    )
+    instruction: str | None = Field(None, description="used for rows whose data has no instruction column")
+    system: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_slots(cls, template: str) -> str:
+        if template not in ("chat", "alpaca") and "{input}" not in template and "{instruction}" not in template:
+            raise ValueError("a custom template must contain {instruction} or {input}")
+        return template
+
+
+class TrainSpec(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0, description="micro-batch per worker")
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0)
+    seed: int = 42
+    eval_every_steps: int | None = Field(None, gt=0)
+    log_every_steps: int = Field(10, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive(cls, resources: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in resources.items() if v < 0]
+        if bad:
+            raise ValueError(f"negative amount for {', '.join(bad)}")
+        return resources
+
+
+class DeepSpeedSpec(Strict):
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSpec:
+        if self.offload_param and self.stage != 3:
+            raise ValueError("offload_param needs stage 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs stage 1, 2 or 3")
+        return self
+
+
+class CheckpointSpec(Strict):
+    every_steps: int | None = Field(None, gt=0, description="None: at each eval and at the end")
+    keep: int = Field(2, gt=0)
+
+
+class TrackingSpec(Strict):
+    uri: str | None = Field(None, description="default: sqlite:///<cwd>/mlflow.db")
+    experiment: str = "onebase"
+    registered_model: str | None = Field(None, description="default: the job name")
+    register_model: bool = True
+
+
+class OutputSpec(Strict):
+    path: str = "runs"
+
+
+class MethodConfig(Strict):
+    """Base of every method's config; `name` picks the method in the registry."""
+
+    name: str
+
+
+class JobSpec(Strict):
+    name: str
+    task: TaskName
+    model: ModelSpec
+    data: DataSpec
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: {"name": "full"})
+    prompt: PromptSpec | None = None
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)")
+        return name
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_from_registry(cls, value: Any) -> MethodConfig:
+        from onebase.methods import method_config  # late import: the registry imports this module
+
+        return method_config(value)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        if self.prompt is not None and self.task != "causal-lm":
+            raise ValueError("prompt: only the causal-lm task uses a prompt template")
+        if self.task == "causal-lm" and self.prompt is None:
+            self.prompt = PromptSpec()
+        roles = TASK_COLUMNS[self.task]
+        unknown = sorted(set(self.data.columns) - set(roles))
+        if unknown:
+            raise ValueError(f"data.columns: unknown role {unknown[0]!r} for task {self.task} "
+                             f"(roles: {', '.join(roles)})")
+        from onebase.methods import check_method_task
+
+        check_method_task(self.method, self.task)
+        return self
+
+    def column(self, role: str) -> str:
+        """The data column that holds `role`, after the spec's column mapping."""
+        return self.data.columns.get(role) or TASK_COLUMNS[self.task][role]

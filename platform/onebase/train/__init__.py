@@ -1,0 +1,1 @@
+"""Training: DeepSpeed config, the per-worker loop, evaluation, and the Ray Train launcher."""

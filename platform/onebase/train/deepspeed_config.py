@@ -1,0 +1,37 @@
+"""Build the DeepSpeed config dict from the spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from onebase.spec.schema import JobSpec
+
+
+def resolve_precision(requested: str, on_gpu: bool) -> str:
+    """auto: bf16 on GPUs that support it, fp32 otherwise (CPU training stays fp32)."""
+    if requested != "auto":
+        return requested
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(spec: JobSpec, precision: str) -> dict[str, Any]:
+    ds = spec.deepspeed
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": spec.train.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": spec.train.max_grad_norm,
+        "zero_optimization": zero,
+        # We pass a torch AdamW: it avoids JIT-compiling DeepSpeed's fused/CPU Adam on every new machine.
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,175 @@
+"""`onebase run`: check everything, start Ray Train, then log and register what was trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from onebase.data.sources import load_dataset
+from onebase.errors import ClusterError, OnebaseError
+from onebase.methods import get_method
+from onebase.model.assets import cache_dir, check_model_available
+from onebase.spec.schema import JobSpec
+from onebase.tracking import mlflow_run, registry
+from onebase.train.loop import EXPORT_DIR, PROBE_FILE, RUN_INFO, train_loop_per_worker
+
+STATE = "latest.json"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_url: str
+    metrics: dict[str, float]
+    export_dir: Path
+    registered: str | None  # "name/version"
+    info: dict[str, Any]
+
+
+def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: bool = False,
+            tracking_uri: str | None = None, echo=print) -> RunResult:
+    uri = tracking_uri or spec.tracking.uri or mlflow_run.default_tracking_uri()
+    job_dir = Path(spec.output.path).expanduser().resolve() / spec.name
+    previous = read_state(job_dir) if resume else None
+
+    model_path = check_model_available(spec.model.name, spec.model.revision)
+    dataset = load_dataset(spec)
+    echo(f"data: {len(dataset.train)} training / {len(dataset.validation)} validation rows"
+         + (f", labels {dataset.labels}" if dataset.labels else ""))
+
+    connect_ray(address)
+    check_resources(spec)
+
+    run_id = previous["mlflow_run_id"] if previous else mlflow_run.start_run(uri, spec, spec_text)
+    ray_name = previous["ray_run_name"] if previous else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_state(job_dir, {"mlflow_run_id": run_id, "ray_run_name": ray_name, "tracking_uri": uri})
+    echo(f"mlflow run {run_id}" + (" (resumed)" if previous else ""))
+
+    import ray
+
+    config = {"spec": spec.model_dump(mode="json"), "model_path": model_path, "data_ref": ray.put(dataset),
+              "data_fingerprint": dataset.fingerprint(), "tracking_uri": uri, "mlflow_run_id": run_id,
+              "fail_at_step": int(os.environ.get("ONEBASE_FAIL_AT_STEP", "0")) or None,
+              "threads_per_worker": max(1, int(spec.scaling.resources_per_worker.get("CPU", 1)))}
+    try:
+        result = make_trainer(spec, config, job_dir, ray_name).fit()
+    except Exception as err:  # Ray wraps worker errors; report the root cause in one line
+        reason = root_cause(err)
+        mlflow_run.fail_run(uri, run_id, reason)
+        raise OnebaseError(f"training failed: {reason}") from err
+    return collect(spec, uri, run_id, result, job_dir)
+
+
+def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = dict(spec.scaling.resources_per_worker)
+    if spec.scaling.use_gpu:
+        resources.setdefault("GPU", 1)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=ray_name, storage_path=str(job_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+    )
+
+
+def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path) -> RunResult:
+    """Copy the export out of the final checkpoint, log it to MLflow and register it."""
+    import shutil
+
+    export_dir = job_dir / "export"
+    with result.checkpoint.as_directory() as path:
+        if export_dir.exists():
+            shutil.rmtree(export_dir)
+        shutil.copytree(Path(path) / EXPORT_DIR, export_dir)
+        shutil.copy(Path(path) / PROBE_FILE, job_dir / PROBE_FILE)
+    info = json.loads((export_dir / RUN_INFO).read_text())
+    method = get_method(spec.method.name)
+    artifact_path = mlflow_run.finish_run(uri, run_id, export_dir, info, method.is_adapter)
+    registered = None
+    if spec.tracking.register_model:
+        name = spec.tracking.registered_model or spec.name
+        tags = registry.version_tags(info, mlflow_run.sha256_dir(export_dir))
+        registered = f"{name}/{registry.register(uri, name, run_id, artifact_path, tags)}"
+    return RunResult(run_id=run_id, run_url=mlflow_run.run_url(uri, run_id), metrics=info["metrics"],
+                     export_dir=export_dir, registered=registered, info=info)
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {
+        # Ray Train's default health check makes every report block ~2 s.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    env.update({k: v for k, v in os.environ.items() if k.startswith("ONEBASE_CACHE")})
+    os.environ.update(env)  # the Train controller runs in this job's processes too
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+    except ConnectionError as err:
+        raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({root_cause(err)})") from None
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Ray waits forever for resources that do not exist: refuse impossible requests up front."""
+    import ray
+
+    need = dict(spec.scaling.resources_per_worker)
+    if spec.scaling.use_gpu:
+        need.setdefault("GPU", 1)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min((int(node.get(k, 0) // v) if v else 10**9) for k, v in need.items()) if need else 10**9
+               for node in nodes)
+    if fits < spec.scaling.num_workers:
+        total = ray.cluster_resources()
+        have = ", ".join(f"{k}={total.get(k, 0):g}" for k in need)
+        raise ClusterError(f"scaling: {spec.scaling.num_workers} workers x {need} do not fit the cluster "
+                           f"({have} over {len(nodes)} node(s); room for {fits} worker(s))")
+
+
+def root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else type(err).__name__
+    return last if ":" in last else f"{type(err).__name__}: {last}"
+
+
+def read_state(job_dir: Path) -> dict[str, str]:
+    path = job_dir / STATE
+    if not path.is_file():
+        raise OnebaseError(f"--resume: no earlier run of this job under {job_dir}")
+    return json.loads(path.read_text())
+
+
+def write_state(job_dir: Path, state: dict[str, str]) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / STATE).write_text(json.dumps(state, indent=2))
+
+
+def print_summary(result: RunResult, out=sys.stdout) -> None:
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if k != "eval_samples"}
+    print(f"eval: {shown}", file=out)
+    info = result.info
+    print(f"trainable params: {info['trainable_params']:,} / {info['total_params']:,} "
+          f"({100 * info['trainable_params'] / max(info['total_params'], 1):.2f}%)", file=out)
+    print(f"export: {result.export_dir}", file=out)
+    print(f"mlflow run: {result.run_url}", file=out)
+    if result.registered:
+        print(f"registered: {result.registered}", file=out)

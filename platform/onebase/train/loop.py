@@ -1,0 +1,273 @@
+"""The per-worker training loop run by Ray Train: one recipe for every task and method.
+
+Data path on each worker: rows -> tokens -> method-wrapped model -> DeepSpeed engine -> steps,
+with periodic eval, MLflow metrics from rank 0, and checkpoints through `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, DistributedSampler
+
+from onebase.data.prepare import collate, tokenize
+from onebase.methods import get_method
+from onebase.methods.base import trainable_parameters
+from onebase.model.build import base_fingerprint, load_model, load_tokenizer
+from onebase.spec.schema import JobSpec
+from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
+from onebase.train.evaluate import evaluate
+
+STATE_FILE = "onebase_state.json"
+EXPORT_DIR = "export"
+RUN_INFO = "onebase.json"
+PROBE_FILE = "probe.safetensors"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec = JobSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads_per_worker"])
+    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+    dataset = ray.get(config["data_ref"])
+
+    tokenizer = load_tokenizer(config["model_path"], spec.model.revision)
+    model = load_model(spec, config["model_path"], dataset.labels, tokenizer.pad_token_id)
+    fingerprint = base_fingerprint(model) if rank == 0 else ""
+    model = get_method(spec.method.name).apply(model, spec.method, spec.task)
+    trainable, total = trainable_parameters(model)
+
+    train_loader, sampler = make_loader(spec, tokenizer, dataset.train, dataset.labels, rank, world, train=True)
+    eval_loader, _ = make_loader(spec, tokenizer, dataset.validation, dataset.labels, rank, world, train=False)
+    accumulation = spec.deepspeed.gradient_accumulation_steps
+    steps_per_epoch = max(1, len(train_loader) // accumulation)
+    total_steps = spec.train.max_steps or math.ceil(spec.train.epochs * steps_per_epoch)
+
+    precision = resolve_precision(spec.deepspeed.precision, spec.scaling.use_gpu)
+    engine = make_engine(spec, model, total_steps, precision)
+    step = restore(engine)
+    tracker = Tracker(config, rank) if rank == 0 else None
+    if tracker and step > 0:
+        tracker.metrics({"resumed_from_step": step}, step)
+    if tracker and step == 0:
+        tracker.params({"trainable_params": trainable, "total_params": total, "precision": precision,
+                        "world_size": world, "total_steps": total_steps})
+    num_labels = len(dataset.labels) if dataset.labels else None
+    progress = Progress(total_steps, step) if rank == 0 else None
+
+    window = Window()
+    train_seconds, train_samples, train_tokens = 0.0, 0, 0
+    last_eval: dict[str, float] = {}
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch)
+        skip = (step - epoch * steps_per_epoch) * accumulation  # resume mid-epoch on the same order
+        for micro, batch in enumerate(train_loader):
+            if micro < skip:
+                continue
+            started = time.perf_counter()
+            batch.pop("index")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            elapsed = time.perf_counter() - started
+            samples, tokens = batch["input_ids"].shape[0] * world, int(batch["attention_mask"].sum()) * world
+            window.add(loss.detach().item(), samples, tokens, elapsed)
+            train_seconds, train_samples, train_tokens = (train_seconds + elapsed, train_samples + samples,
+                                                          train_tokens + tokens)
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            maybe_fail(step, config)
+            if progress:
+                progress.update(step, window, spec.train.log_every_steps)
+            if tracker and (step % spec.train.log_every_steps == 0 or step == total_steps):
+                tracker.metrics(window.summary(engine.get_lr()[0], step / steps_per_epoch), step)
+                window = Window()
+            at_eval = spec.train.eval_every_steps and step % spec.train.eval_every_steps == 0
+            if at_eval and step < total_steps:
+                last_eval = evaluate(engine, eval_loader, spec.task, num_labels, device)
+                if tracker:
+                    tracker.metrics(last_eval, step)
+            at_checkpoint = (spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0) or at_eval
+            if at_checkpoint and step < total_steps:
+                save_and_report(engine, step, {**last_eval, "step": step}, rank)
+            if step >= total_steps:
+                break
+
+    final = evaluate(engine, eval_loader, spec.task, num_labels, device)
+    probe = probe_outputs(engine, eval_loader, device)
+    throughput = {"train_samples_per_s": train_samples / max(train_seconds, 1e-9),
+                  "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "train_compute_s": train_seconds}
+    if tracker:
+        tracker.metrics({**final, **throughput}, step)
+    info = {"task": spec.task, "method": spec.method.name, "method_config": spec.method.model_dump(),
+            "base_model": spec.model.name, "base_fingerprint": fingerprint, "labels": dataset.labels,
+            "trainable_params": trainable, "total_params": total, "dataset_fingerprint": config["data_fingerprint"],
+            "prompt": spec.prompt.model_dump() if spec.prompt else None, "precision": precision,
+            "metrics": final}
+    save_and_report(engine, step, {**final, **throughput, "step": step}, rank,
+                    export=(spec, tokenizer, info, probe))
+
+
+def make_loader(spec: JobSpec, tokenizer, rows, labels, rank: int, world: int, train: bool):
+    features = tokenize(spec, tokenizer, rows, labels)
+    sampler = DistributedSampler(features, num_replicas=world, rank=rank, shuffle=train, seed=spec.train.seed,
+                                 drop_last=False)
+    batch_size = spec.train.batch_size if train else spec.train.eval_batch_size
+    loader = DataLoader(features, batch_size=batch_size, sampler=sampler,
+                        collate_fn=lambda f: collate(f, tokenizer.pad_token_id))
+    return loader, sampler
+
+
+def make_engine(spec: JobSpec, model, total_steps: int, precision: str):
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.train.learning_rate, weight_decay=spec.train.weight_decay)
+    warmup = int(spec.train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, spec.train.lr_scheduler))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(spec, precision))
+    return engine
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def restore(engine) -> int:
+    """Load the last Ray Train checkpoint (worker restart or `onebase run --resume`); returns its step."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as path:
+        engine.load_checkpoint(path, tag="ds")
+        return json.loads((Path(path) / STATE_FILE).read_text())["step"]
+
+
+def save_and_report(engine, step: int, metrics: dict[str, float], rank: int, export=None) -> None:
+    """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ds")
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
+        if export is not None:
+            export_trained(engine, Path(tmp) / EXPORT_DIR, rank, *export)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def export_trained(engine, out_dir: Path, rank: int, spec: JobSpec, tokenizer, info: dict,
+                   probe: dict[str, torch.Tensor]) -> None:
+    """Gather the full state dict (a collective under ZeRO-3) and let the method write its export."""
+    if engine.zero_optimization_partition_weights():
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    out_dir.mkdir(parents=True)
+    get_method(spec.method.name).export(engine.module, state_dict, out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    save_file(probe, str(out_dir.parent / PROBE_FILE))
+
+
+@torch.no_grad()
+def probe_outputs(engine, loader, device: torch.device, rows: int = 4, vocab: int = 1024) -> dict[str, torch.Tensor]:
+    """Outputs of the trained model on a few validation rows, kept so an export can be checked
+    against them after reloading (plain PEFT / from_pretrained must reproduce them)."""
+    engine.eval()
+    batch = next(iter(loader))
+    inputs = {k: batch[k][:rows].to(device) for k in ("input_ids", "attention_mask")}
+    out = engine(**inputs)
+    logits = out.logits if hasattr(out, "logits") else torch.stack([out.start_logits, out.end_logits], -1)
+    engine.train()
+    return {**{k: v.cpu() for k, v in inputs.items()}, "logits": logits[..., :vocab].float().cpu().contiguous()}
+
+
+def maybe_fail(step: int, config: dict[str, Any]) -> None:
+    """Fault injection for recovery drills: ONEBASE_FAIL_AT_STEP (read by the driver) crashes rank 0
+    at that step, unless the attempt already started from a checkpoint."""
+    fail_at = config.get("fail_at_step")
+    if fail_at and step == int(fail_at) and ray.train.get_context().get_world_rank() == 0 \
+            and ray.train.get_checkpoint() is None:
+        raise RuntimeError(f"injected failure at step {step} (ONEBASE_FAIL_AT_STEP)")
+
+
+class Window:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.samples = self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, loss: float, samples: int, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.samples, self.tokens, self.seconds = self.samples + samples, self.tokens + tokens, self.seconds + seconds
+
+    def summary(self, lr: float, epoch: float) -> dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        return {"loss": sum(self.losses) / max(len(self.losses), 1), "lr": lr, "epoch": epoch,
+                "tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds}
+
+
+class Progress:
+    """One line per log interval on the driver's terminal: step, loss, tokens/s, ETA."""
+
+    def __init__(self, total: int, start: int) -> None:
+        self.total, self.start, self.began = total, start, time.monotonic()
+
+    def update(self, step: int, window: Window, every: int) -> None:
+        if step % every and step != self.total:
+            return
+        summary = window.summary(0.0, 0.0)
+        elapsed = time.monotonic() - self.began
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        print(f"[onebase] step {step}/{self.total} ({100 * step / self.total:3.0f}%) | loss {summary['loss']:.4f} | "
+              f"{summary['tokens_per_s']:,.0f} tok/s | {summary['samples_per_s']:.1f} samples/s | "
+              f"elapsed {clock(elapsed)} | ETA {clock(eta)}", flush=True)
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Tracker:
+    """Rank 0 logs step metrics straight into the MLflow run the driver opened."""
+
+    def __init__(self, config: dict[str, Any], rank: int) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=config["tracking_uri"])
+        self.run_id = config["mlflow_run_id"]
+
+    def params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
