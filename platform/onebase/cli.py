@@ -20,6 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec field, e.g. --set train.max_steps=20")
 
+    sweep = sub.add_parser("sweep", help="Ray Tune over tuning methods; a report per method at the end")
+    sweep.add_argument("spec", help="sweep spec YAML")
+    sweep.add_argument("--address", help="Ray cluster address ('auto' for a running local cluster)")
+    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default: the base job's, else ./mlflow.db)")
+    sweep.add_argument("--report-only", metavar="PARENT_RUN_ID",
+                       help="rebuild the report of an earlier sweep from its MLflow parent run; trains nothing")
+    sweep.add_argument("--out", help="where --report-only writes the report (default: runs/<sweep>/<run id>)")
+
     validate = sub.add_parser("validate", help="check a job spec without running it")
     validate.add_argument("spec")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -49,6 +57,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from onebase.sweep.spec import load_sweep
+
+    sweep, base = load_sweep(args.spec)  # every trial's spec is checked before Ray or Tune start
+    from onebase.spec import parse_spec
+    from onebase.sweep import report
+    from onebase.sweep.run import run_sweep
+    from onebase.tracking.mlflow_run import default_tracking_uri
+
+    if args.report_only:
+        job = parse_spec(base)
+        uri = args.tracking_uri or job.tracking.uri or default_tracking_uri()
+        out = Path(args.out or Path(job.output.path) / sweep.name / args.report_only)
+        try:
+            result = report.build(uri, args.report_only, sweep.metric, sweep.mode, out)
+        except Exception as err:  # a wrong run id is the usual cause: say so in one line
+            raise OnebaseError(f"--report-only {args.report_only}: {err}") from None
+    else:
+        result = run_sweep(sweep, base, Path(args.spec).read_text(), address=args.address,
+                           tracking_uri=args.tracking_uri)
+    print(report.markdown(result["table"], sweep.metric, f"sweep {sweep.name}"))
+    print(f"report: {result['report_dir'] / 'report.md'}, {result['report_dir'] / 'pareto.png'}")
+    print(f"mlflow parent run: {result['parent_run_id']}")
+    for method, version in result.get("registered", {}).items():
+        print(f"registered {method}: {version}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from onebase.spec import load_spec
 
@@ -58,7 +96,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate}
 
 if __name__ == "__main__":
     sys.exit(main())

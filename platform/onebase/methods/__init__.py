@@ -10,13 +10,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from onebase.methods import full, lora
+from onebase.methods import adapterbias, bitfit, dora, full, houlsby, ia3, lora, prefix, prompt, ptuning
 from onebase.methods.base import Method
 from onebase.spec.schema import MethodConfig
 
 METHODS: dict[str, Method] = {
     full.METHOD.name: full.METHOD,
     lora.METHOD.name: lora.METHOD,
+    dora.METHOD.name: dora.METHOD,
+    ia3.METHOD.name: ia3.METHOD,
+    prefix.METHOD.name: prefix.METHOD,
+    prompt.METHOD.name: prompt.METHOD,
+    ptuning.METHOD.name: ptuning.METHOD,
+    bitfit.METHOD.name: bitfit.METHOD,
+    houlsby.METHOD.name: houlsby.METHOD,
+    adapterbias.METHOD.name: adapterbias.METHOD,
 }
 
 
@@ -52,4 +60,13 @@ def check_method_task(config: MethodConfig, task: str) -> None:
                          f"(supports: {', '.join(sorted(method.tasks))})")
 
 
-__all__ = ["METHODS", "Method", "check_method_task", "get_method", "method_config"]
+def load_trained(base, path):
+    """Rebuild a tuned model from a fresh base and an export directory (any method)."""
+    import json
+    from pathlib import Path
+
+    info = json.loads((Path(path) / "onebase.json").read_text())
+    return get_method(info["method"]).load(base, Path(path))
+
+
+__all__ = ["METHODS", "Method", "check_method_task", "get_method", "load_trained", "method_config"]

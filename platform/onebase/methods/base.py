@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ class Method:
     load: Callable[[nn.Module, Path], nn.Module]
     # True when the export holds only the method's weights (an adapter), not the whole model.
     is_adapter: bool = True
+    # Optional check against the base's HF config (raise ValueError): bases the method cannot use.
+    check_base: Callable[[Any, str], None] | None = None
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

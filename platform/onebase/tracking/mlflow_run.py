@@ -35,22 +35,52 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return {prefix: text[:MAX_PARAM_LENGTH]}
 
 
-def start_run(uri: str, spec: JobSpec, spec_text: str) -> str:
+def experiment_id(uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name)
+    except MlflowException:  # created meanwhile by a concurrent trial
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(uri: str, spec: JobSpec, spec_text: str, run_name: str | None = None,
+              parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
     from mlflow.entities import Param
 
     mlflow_client = client(uri)
-    experiment = mlflow_client.get_experiment_by_name(spec.tracking.experiment)
-    experiment_id = (experiment.experiment_id if experiment
-                     else mlflow_client.create_experiment(spec.tracking.experiment))
-    run = mlflow_client.create_run(experiment_id, run_name=spec.name,
-                                   tags={"onebase.job": spec.name, "onebase.task": spec.task,
-                                         "onebase.method": spec.method.name})
+    run_tags = {"onebase.job": spec.name, "onebase.task": spec.task, "onebase.method": spec.method.name,
+                **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow_client.create_run(experiment_id(uri, spec.tracking.experiment), run_name=run_name or spec.name,
+                                   tags=run_tags)
     params = flatten(spec.model_dump(mode="json"))
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         mlflow_client.log_batch(run.info.run_id, params=items[i: i + 100])
     mlflow_client.log_text(run.info.run_id, spec_text, "spec.yaml")
     return run.info.run_id
+
+
+def start_sweep_run(uri: str, experiment: str, name: str, sweep_text: str) -> str:
+    mlflow_client = client(uri)
+    run = mlflow_client.create_run(experiment_id(uri, experiment), run_name=name, tags={"onebase.sweep": name})
+    mlflow_client.log_text(run.info.run_id, sweep_text, "sweep.yaml")
+    return run.info.run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def run_url(uri: str, run_id: str) -> str:

@@ -43,6 +43,7 @@ def per_sample(task: str, batch: dict[str, torch.Tensor], out) -> list[dict[str,
                 for s, e, g in zip(starts, ends, gold)]
     # Token classification and causal LM: token-level predictions where labels are not ignored.
     logits, labels = out.logits.float(), batch["labels"]
+    logits = logits[:, logits.shape[1] - labels.shape[1]:]  # drop soft-prompt positions (prompt tuning)
     if task == "causal-lm":
         logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=IGNORE)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from onebase.data.sources import load_dataset
-from onebase.errors import ClusterError, OnebaseError
+from onebase.errors import ClusterError, OnebaseError, SpecError
 from onebase.methods import get_method
 from onebase.model.assets import cache_dir, check_model_available
 from onebase.spec.schema import JobSpec
@@ -38,6 +38,7 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     previous = read_state(job_dir) if resume else None
 
     model_path = check_model_available(spec.model.name, spec.model.revision)
+    check_method_base(spec, model_path)
     dataset = load_dataset(spec)
     echo(f"data: {len(dataset.train)} training / {len(dataset.validation)} validation rows"
          + (f", labels {dataset.labels}" if dataset.labels else ""))
@@ -50,12 +51,7 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     write_state(job_dir, {"mlflow_run_id": run_id, "ray_run_name": ray_name, "tracking_uri": uri})
     echo(f"mlflow run {run_id}" + (" (resumed)" if previous else ""))
 
-    import ray
-
-    config = {"spec": spec.model_dump(mode="json"), "model_path": model_path, "data_ref": ray.put(dataset),
-              "data_fingerprint": dataset.fingerprint(), "tracking_uri": uri, "mlflow_run_id": run_id,
-              "fail_at_step": int(os.environ.get("ONEBASE_FAIL_AT_STEP", "0")) or None,
-              "threads_per_worker": max(1, int(spec.scaling.resources_per_worker.get("CPU", 1)))}
+    config = worker_config(spec, model_path, dataset, uri, run_id)
     try:
         result = make_trainer(spec, config, job_dir, ray_name).fit()
     except Exception as err:  # Ray wraps worker errors; report the root cause in one line
@@ -65,7 +61,31 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     return collect(spec, uri, run_id, result, job_dir)
 
 
-def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name: str):
+def worker_config(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str) -> dict[str, Any]:
+    """What every Ray Train worker gets: the spec, the data (through the object store), tracking."""
+    import ray
+
+    return {"spec": spec.model_dump(mode="json"), "model_path": model_path, "data_ref": ray.put(dataset),
+            "data_fingerprint": dataset.fingerprint(), "tracking_uri": uri, "mlflow_run_id": run_id,
+            "fail_at_step": int(os.environ.get("ONEBASE_FAIL_AT_STEP", "0")) or None,
+            "threads_per_worker": max(1, int(spec.scaling.resources_per_worker.get("CPU", 1)))}
+
+
+def check_method_base(spec: JobSpec, model_path: str) -> None:
+    """Methods that cannot use this base (e.g. BitFit on a bias-free Llama) fail before Ray starts."""
+    method = get_method(spec.method.name)
+    if method.check_base is None:
+        return
+    from transformers import AutoConfig
+
+    try:
+        method.check_base(AutoConfig.from_pretrained(model_path, revision=spec.model.revision),
+                          spec.task)
+    except ValueError as err:
+        raise SpecError(f"method: {err}") from None
+
+
+def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name: str, callbacks=()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -80,11 +100,12 @@ def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name:
                                      resources_per_worker=resources),
         run_config=RunConfig(name=ray_name, storage_path=str(job_dir / "ray"),
                              failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+                             callbacks=list(callbacks)),
     )
 
 
-def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path) -> RunResult:
+def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, register: bool = True) -> RunResult:
     """Copy the export out of the final checkpoint, log it to MLflow and register it."""
     import shutil
 
@@ -98,9 +119,12 @@ def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path) -> RunR
     method = get_method(spec.method.name)
     artifact_path = mlflow_run.finish_run(uri, run_id, export_dir, info, method.is_adapter)
     registered = None
-    if spec.tracking.register_model:
+    tags = registry.version_tags(info, mlflow_run.sha256_dir(export_dir))
+    # Kept on the run, so a sweep can register its best trials later.
+    mlflow_run.client(uri).set_tag(run_id, "onebase.version_tags", json.dumps(tags))
+    mlflow_run.client(uri).set_tag(run_id, "onebase.artifact_path", artifact_path)
+    if register and spec.tracking.register_model:
         name = spec.tracking.registered_model or spec.name
-        tags = registry.version_tags(info, mlflow_run.sha256_dir(export_dir))
         registered = f"{name}/{registry.register(uri, name, run_id, artifact_path, tags)}"
     return RunResult(run_id=run_id, run_url=mlflow_run.run_url(uri, run_id), metrics=info["metrics"],
                      export_dir=export_dir, registered=registered, info=info)
@@ -116,6 +140,13 @@ def connect_ray(address: str | None) -> None:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
         "TOKENIZERS_PARALLELISM": "false",
+        # Sweep trials keep the user's working directory: relative data paths in a spec stay valid.
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        # Train V2 also copies print() into its logger, so each progress line reached the driver twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # Keep the terminal readable: library deprecation chatter would bury the progress lines.
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning"),
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("ONEBASE_CACHE")})
     os.environ.update(env)  # the Train controller runs in this job's processes too
@@ -126,16 +157,29 @@ def connect_ray(address: str | None) -> None:
         raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({root_cause(err)})") from None
 
 
+def worker_slots(spec: JobSpec) -> int:
+    """How many of this job's workers the cluster's live nodes can hold at once."""
+    import ray
+
+    need = worker_resources(spec)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return sum(min((int(node.get(k, 0) // v) if v else 10**9) for k, v in need.items()) if need else 10**9
+               for node in nodes)
+
+
+def worker_resources(spec: JobSpec) -> dict[str, float]:
+    need = dict(spec.scaling.resources_per_worker)
+    if spec.scaling.use_gpu:
+        need.setdefault("GPU", 1)
+    return need
+
+
 def check_resources(spec: JobSpec) -> None:
     """Ray waits forever for resources that do not exist: refuse impossible requests up front."""
     import ray
 
-    need = dict(spec.scaling.resources_per_worker)
-    if spec.scaling.use_gpu:
-        need.setdefault("GPU", 1)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = sum(min((int(node.get(k, 0) // v) if v else 10**9) for k, v in need.items()) if need else 10**9
-               for node in nodes)
+    need, fits = worker_resources(spec), worker_slots(spec)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     if fits < spec.scaling.num_workers:
         total = ray.cluster_resources()
         have = ", ".join(f"{k}={total.get(k, 0):g}" for k in need)

@@ -56,6 +56,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     precision = resolve_precision(spec.deepspeed.precision, spec.scaling.use_gpu)
     engine = make_engine(spec, model, total_steps, precision)
     step = restore(engine)
+    resumed = step > 0
     tracker = Tracker(config, rank) if rank == 0 else None
     if tracker and step > 0:
         tracker.metrics({"resumed_from_step": step}, step)
@@ -89,7 +90,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not engine.is_gradient_accumulation_boundary():
                 continue
             step += 1
-            maybe_fail(step, config)
+            maybe_fail(step, config, resumed)
             if progress:
                 progress.update(step, window, spec.train.log_every_steps)
             if tracker and (step % spec.train.log_every_steps == 0 or step == total_steps):
@@ -109,16 +110,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final = evaluate(engine, eval_loader, spec.task, num_labels, device)
     probe = probe_outputs(engine, eval_loader, device)
     throughput = {"train_samples_per_s": train_samples / max(train_seconds, 1e-9),
-                  "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "train_compute_s": train_seconds}
+                  "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "train_compute_s": train_seconds,
+                  "peak_memory_mb": peak_memory_mb(device)}
     if tracker:
         tracker.metrics({**final, **throughput}, step)
     info = {"task": spec.task, "method": spec.method.name, "method_config": spec.method.model_dump(),
             "base_model": spec.model.name, "base_fingerprint": fingerprint, "labels": dataset.labels,
             "trainable_params": trainable, "total_params": total, "dataset_fingerprint": config["data_fingerprint"],
             "prompt": spec.prompt.model_dump() if spec.prompt else None, "precision": precision,
-            "metrics": final}
+            "steps": step, "metrics": final}
     save_and_report(engine, step, {**final, **throughput, "step": step}, rank,
                     export=(spec, tokenizer, info, probe))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPU; on CPU the worker process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def make_loader(spec: JobSpec, tokenizer, rows, labels, rank: int, world: int, train: bool):
@@ -181,13 +192,28 @@ def export_trained(engine, out_dir: Path, rank: int, spec: JobSpec, tokenizer, i
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     else:
         state_dict = engine.module.state_dict() if rank == 0 else None
+    # PEFT's prompt learning re-runs its prompt encoder to save it: it needs the full weights.
+    with gathered_trainable(engine, get_method(spec.method.name).is_adapter):
+        if rank == 0:
+            out_dir.mkdir(parents=True)
+            get_method(spec.method.name).export(engine.module, state_dict, out_dir)
     if rank != 0:
         return
-    out_dir.mkdir(parents=True)
-    get_method(spec.method.name).export(engine.module, state_dict, out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
     save_file(probe, str(out_dir.parent / PROBE_FILE))
+
+
+def gathered_trainable(engine, is_adapter: bool):
+    """Under ZeRO-3, an adapter's trained parameters in full on every rank (a collective); else a no-op."""
+    import contextlib
+
+    if not (is_adapter and engine.zero_optimization_partition_weights()):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(trained, modifier_rank=None)
 
 
 @torch.no_grad()
@@ -203,12 +229,11 @@ def probe_outputs(engine, loader, device: torch.device, rows: int = 4, vocab: in
     return {**{k: v.cpu() for k, v in inputs.items()}, "logits": logits[..., :vocab].float().cpu().contiguous()}
 
 
-def maybe_fail(step: int, config: dict[str, Any]) -> None:
+def maybe_fail(step: int, config: dict[str, Any], resumed: bool) -> None:
     """Fault injection for recovery drills: ONEBASE_FAIL_AT_STEP (read by the driver) crashes rank 0
-    at that step, unless the attempt already started from a checkpoint."""
+    at that step, unless this attempt started from a checkpoint."""
     fail_at = config.get("fail_at_step")
-    if fail_at and step == int(fail_at) and ray.train.get_context().get_world_rank() == 0 \
-            and ray.train.get_checkpoint() is None:
+    if fail_at and step == int(fail_at) and not resumed and ray.train.get_context().get_world_rank() == 0:
         raise RuntimeError(f"injected failure at step {step} (ONEBASE_FAIL_AT_STEP)")
 
 

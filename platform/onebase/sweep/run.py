@@ -1,0 +1,124 @@
+"""Run a sweep: every trial is the same Ray Train job `onebase run` starts, inside a Tune
+function trainable (Ray Train V2 cannot be a Tune trainable itself), stopped early by ASHA.
+
+MLflow: one parent run for the sweep, one child run per trial; the report and the registry
+versions of each method's best trial go on the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from onebase.errors import OnebaseError
+from onebase.sweep.spec import SweepSpec, draw_trials, trial_spec
+
+
+def run_sweep(sweep: SweepSpec, base: dict[str, Any], sweep_text: str, address: str | None = None,
+              tracking_uri: str | None = None, echo=print) -> dict[str, Any]:
+    from onebase.data.sources import load_dataset
+    from onebase.model.assets import check_model_available
+    from onebase.spec.load import parse_spec
+    from onebase.sweep import report
+    from onebase.tracking import mlflow_run
+    from onebase.train import launch
+
+    first = parse_spec(base)
+    uri = tracking_uri or first.tracking.uri or mlflow_run.default_tracking_uri()
+    trials = draw_trials(sweep)
+    model_path = check_model_available(first.model.name, first.model.revision)
+    for trial in trials:  # bases that a method cannot use (e.g. soft prompts on a decoder classifier)
+        launch.check_method_base(trial_spec(base, trial), model_path)
+    load_dataset(first)  # missing files and columns fail here, not in every trial
+    launch.connect_ray(address)
+    launch.check_resources(first)
+    concurrency = min(sweep.max_concurrent_trials, launch.worker_slots(first) // first.scaling.num_workers)
+
+    parent = mlflow_run.start_sweep_run(uri, first.tracking.experiment, sweep.name, sweep_text)
+    out_dir = Path(first.output.path).expanduser().resolve() / sweep.name / parent
+    echo(f"sweep {sweep.name}: {len(trials)} trials over {', '.join(sweep.methods)}; "
+         f"{concurrency} at a time; mlflow parent run {parent}")
+    try:
+        tune_trials(sweep, base, trials, uri, parent, out_dir, concurrency)
+    except Exception as err:
+        mlflow_run.fail_run(uri, parent, launch.root_cause(err))
+        raise OnebaseError(f"sweep failed: {launch.root_cause(err)}") from err
+    report.close_stopped_trials(uri, parent)
+    result = report.build(uri, parent, sweep.metric, sweep.mode, out_dir)
+    if sweep.register_best:
+        result["registered"] = report.register_best(uri, result, f"{first.tracking.registered_model or sweep.name}")
+    mlflow_run.client(uri).set_terminated(parent, "FINISHED")
+    return result
+
+
+def tune_trials(sweep: SweepSpec, base: dict[str, Any], trials: list[dict[str, Any]], uri: str, parent: str,
+                out_dir: Path, concurrency: int) -> None:
+    from ray import tune
+    from ray.tune import CLIReporter
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=10**6, grace_period=sweep.scheduler.grace_period,
+                               reduction_factor=sweep.scheduler.reduction_factor)
+                 if sweep.scheduler.type == "asha" else FIFOScheduler())
+    # Reports between evaluations (checkpoints) carry no metric; Tune must not reject them.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Trials are named "<method>-<n>" in Tune's progress table; their overrides go to MLflow.
+    by_label = {f"{t['method']}-{t['index']}": t for t in trials}
+    trainable = tune.with_parameters(trial_main, trials=by_label, base=base, uri=uri, parent=parent,
+                                     out_dir=str(out_dir))
+    reporter = CLIReporter(metric_columns=[sweep.metric, "step", "training_iteration"], parameter_columns=["trial"],
+                           max_report_frequency=30, max_progress_rows=50)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0.01}),  # the trial only drives; its workers hold the CPUs
+        param_space={"trial": tune.grid_search(list(by_label))},
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=f"tune-{sweep.name}", storage_path=str(out_dir / "tune"),
+                                  progress_reporter=reporter, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error is not None]
+    if errors and len(errors) == len(trials):
+        raise errors[0]
+
+
+def trial_main(config: dict[str, Any], trials: dict[str, dict[str, Any]], base: dict[str, Any], uri: str,
+               parent: str, out_dir: str) -> None:
+    """One Tune trial: the `onebase run` path with a child MLflow run and Train→Tune reporting."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from onebase.data.sources import load_dataset
+    from onebase.model.assets import check_model_available
+    from onebase.tracking import mlflow_run
+    from onebase.train import launch
+
+    trial = trials[config["trial"]]
+    spec = trial_spec(base, trial)
+    spec.checkpoint.every_steps = None  # checkpoint at evaluations only: each Tune result then has the metric
+    trial_id = tune.get_context().get_trial_id()
+    run_id = mlflow_run.start_run(uri, spec, json.dumps(trial, indent=2), run_name=f"{trial['method']}-{trial_id}",
+                                  parent_run_id=parent, tags={"onebase.trial": trial_id})
+    job_dir = Path(out_dir) / "trials" / trial_id
+    began = time.monotonic()
+    model_path = check_model_available(spec.model.name, spec.model.revision)
+    worker_config = launch.worker_config(spec, model_path, load_dataset(spec), uri, run_id)
+    try:
+        result = launch.make_trainer(spec, worker_config, job_dir, f"trial-{trial_id}",
+                                     callbacks=[TuneReportCallback()]).fit()
+    except Exception as err:
+        mlflow_run.fail_run(uri, run_id, launch.root_cause(err))
+        raise
+    outcome = launch.collect(spec, uri, run_id, result, job_dir, register=False)
+    extra = {"wall_s": time.monotonic() - began, "adapter_bytes": float(weights_bytes(outcome.export_dir))}
+    mlflow_run.log_metrics(uri, run_id, extra)
+    tune.report({**outcome.metrics, **extra, "step": float(outcome.info.get("steps", 0))})
+
+
+def weights_bytes(export_dir: Path) -> int:
+    """Size of the trained weights on disk (tokenizer files and configs excluded)."""
+    return sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))

@@ -1,0 +1,116 @@
+"""`onebase sweep`: every method against each other on a tiny model, ASHA, MLflow parent + children."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import onebase_cli, tiny_spec, write_spec
+from onebase.errors import SpecError
+from onebase.methods import METHODS
+from onebase.sweep import report
+from onebase.sweep.run import run_sweep
+from onebase.sweep.spec import draw_trials, load_sweep
+from onebase.tracking.mlflow_run import default_tracking_uri
+
+
+def write_sweep(tmp_path, **fields):
+    job = tiny_spec("tiny-sweep-job", scaling={"num_workers": 1, "resources_per_worker": {"CPU": 1}},
+                    train={"max_steps": 6, "eval_every_steps": 2, "batch_size": 16, "log_every_steps": 2},
+                    tracking={"experiment": "sweeps", "registered_model": "tiny-sweep"})
+    write_spec(tmp_path / "job.yaml", job)
+    sweep = {"name": "tiny-sweep", "job": "job.yaml", "metric": "macro_f1", "mode": "max",
+             "methods": {name: {} for name in sorted(METHODS)}, "max_concurrent_trials": 2,
+             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}, **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_sweep_over_every_method_reports_and_registers(ray_cluster, workspace, tmp_path):
+    path = write_sweep(tmp_path, methods={
+        **{name: {} for name in sorted(METHODS)},
+        "lora": {"r": [2, 4], "train.learning_rate": {"loguniform": [1e-3, 1e-2]}},
+        "prompt": {"num_virtual_tokens": {"randint": [4, 8]}, "train.learning_rate": 3e-2},
+    })
+    sweep, base = load_sweep(path)
+    result = run_sweep(sweep, base, path.read_text())
+
+    assert {row["method"] for row in result["table"]} == set(METHODS)
+    for file in ("report.md", "pareto.png", "report.json"):
+        assert (result["report_dir"] / file).stat().st_size > 0
+    markdown = (result["report_dir"] / "report.md").read_text()
+    assert all(f"| {name} |" in markdown for name in METHODS)
+
+    client = MlflowClient(tracking_uri=default_tracking_uri())
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md",
+                                                                                    "report/pareto.png"}
+    children = report.child_runs(default_tracking_uri(), parent.info.run_id)
+    assert len(children) == len(METHODS)
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished and all("macro_f1" in c.data.metrics and "adapter_bytes" in c.data.metrics for c in finished)
+
+    # The best finished trial of each method is a registry version tagged with its method.
+    for method, version in result["registered"].items():
+        name, number = version.split("/")
+        assert client.get_model_version(name, number).tags["method"] == method
+
+    # Adapters are far smaller than the full fine-tune, in parameters and on disk.
+    rows = {row["method"]: row for row in result["table"]}
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] / 10
+
+    # --report-only rebuilds the same report from MLflow alone.
+    out = tmp_path / "again"
+    cli = onebase_cli("sweep", str(path), "--report-only", parent.info.run_id, "--out", str(out), cwd=workspace)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert (out / "pareto.png").is_file()
+    again = json.loads((out / "report.json").read_text())
+    assert [r["run_id"] for r in again["table"]] == [r["run_id"] for r in result["table"]]
+
+
+def test_trials_are_drawn_per_method_and_seeded(tmp_path):
+    path = write_sweep(tmp_path, samples_per_method=3, seed=7, methods={
+        "lora": {"r": [4, 8], "alpha": {"uniform": [8, 32]}}, "ia3": {}, "full": {"train.learning_rate": 1e-4}},
+        search={"train.learning_rate": {"loguniform": [1e-4, 1e-2]}})
+    sweep, _ = load_sweep(path)
+    trials = draw_trials(sweep)
+    assert [t["method"] for t in trials].count("lora") == 3 and len(trials) == 9
+    assert all(t["overrides"]["method.r"] in (4, 8) for t in trials if t["method"] == "lora")
+    assert all("method.r" not in t["overrides"] for t in trials if t["method"] != "lora")  # conditional
+    assert all(t["overrides"]["train.learning_rate"] == 1e-4 for t in trials if t["method"] == "full")
+    assert trials == draw_trials(sweep)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"methods": {"lorax": {}}}, "methods.lorax: unknown method"),
+    ({"methods": {"ia3": {"r": [4, 8]}}}, "methods.ia3.r: not a hyperparameter of method ia3"),
+    ({"methods": {}}, "methods: empty search space"),
+    ({"methods": {"lora": {"r": []}}}, "methods.lora.r: empty list of choices"),
+    ({"methods": {"lora": {"train.learning_rate": {"loguniform": [0.1, 0.01]}}}}, "empty loguniform range"),
+    ({"methods": {"lora": {"r": [0]}}}, "r: Input should be greater than 0"),
+    ({"search": {"r": [4]}}, "search.r: shared keys are dotted job fields"),
+    ({"metric_typo": 1}, "metric_typo: unknown field"),
+])
+def test_bad_sweeps_fail_in_one_line_before_tune(tmp_path, fields, message):
+    with pytest.raises(SpecError, match=message) as err:
+        load_sweep(write_sweep(tmp_path, **fields))
+    assert "\n" not in str(err.value)
+
+
+def test_a_method_that_cannot_do_the_task_is_rejected(tmp_path):
+    job = tiny_spec("qa", task="extractive-qa")
+    write_spec(tmp_path / "job.yaml", job)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
+        {"name": "s", "job": "job.yaml", "methods": {"lora": {}, "prompt": {}}}))
+    cli = onebase_cli("sweep", str(tmp_path / "sweep.yaml"), cwd=tmp_path)
+    assert cli.returncode == 2
+    assert cli.stderr.strip().splitlines() == [
+        f"onebase: error: {tmp_path / 'sweep.yaml'}: methods.prompt: method prompt does not support "
+        "task extractive-qa (supports: causal-lm, sequence-classification)"]
