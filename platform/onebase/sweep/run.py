@@ -72,7 +72,9 @@ def tune_trials(sweep: SweepSpec, base: dict[str, Any], trials: list[dict[str, A
     reporter = CLIReporter(metric_columns=[sweep.metric, "step", "training_iteration"], parameter_columns=["trial"],
                            max_report_frequency=30, max_progress_rows=50)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": 0.01}),  # the trial only drives; its workers hold the CPUs
+        # The trial function only drives its Ray Train workers, which hold the CPUs/GPUs. It reserves
+        # a token of memory instead of CPU: with {"CPU": 0.01}, two 1-CPU trials no longer fit 2 CPUs.
+        tune.with_resources(trainable, {"memory": 2**20}),
         param_space={"trial": tune.grid_search(list(by_label))},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                     max_concurrent_trials=concurrency),
