@@ -29,7 +29,14 @@ def close_stopped_trials(uri: str, parent: str) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
+def seconds_logged(client, run) -> float:
+    """From the run's start to its last logged loss: the wall time of a trial that was stopped."""
+    history = client.get_metric_history(run.info.run_id, "loss")
+    return (max(m.timestamp for m in history) - run.info.start_time) / 1000 if history else math.nan
+
+
 def trial_rows(uri: str, parent: str, metric: str) -> list[dict[str, Any]]:
+    client = mlflow_run.client(uri)
     rows = []
     for run in child_runs(uri, parent):
         metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
@@ -38,9 +45,11 @@ def trial_rows(uri: str, parent: str, metric: str) -> list[dict[str, Any]]:
         rows.append({
             "method": tags.get("onebase.method", "?"), "metric": metrics.get(metric, math.nan),
             "trainable_params": trainable, "trainable_percent": 100 * trainable / total if total else math.nan,
-            "adapter_mb": metrics.get("adapter_bytes", math.nan) / 2**20, "wall_s": metrics.get("wall_s", math.nan),
+            "adapter_mb": metrics.get("adapter_bytes", math.nan) / 2**20,
+            "wall_s": metrics.get("wall_s") or seconds_logged(client, run),
             "peak_memory_mb": metrics.get("peak_memory_mb", math.nan),
-            "tokens_per_s": metrics.get("train_tokens_per_s", math.nan),
+            # A stopped trial never logged its whole-run throughput: its last logging window stands in.
+            "tokens_per_s": metrics.get("train_tokens_per_s", metrics.get("tokens_per_s", math.nan)),
             "finished": run.info.status == "FINISHED", "run_id": run.info.run_id,
         })
     return rows
@@ -64,10 +73,18 @@ def markdown(table: list[dict[str, Any]], metric: str, title: str) -> str:
     lines = [f"# {title}", "", f"| method | {metric} | trainable params | trainable % | adapter MB | wall s | "
              "peak mem MB | tokens/s | trials (stopped) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['method']} | {r['metric']:.4f} | {r['trainable_params']:,.0f} | "
-                     f"{r['trainable_percent']:.3f} | {r['adapter_mb']:.2f} | {r['wall_s']:.0f} | "
-                     f"{r['peak_memory_mb']:.0f} | {r['tokens_per_s']:,.0f} | {r['trials']} ({r['stopped']}) |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['method']}{'' if r['registrable'] else ' (stopped)'} | {cell(r['metric'], '.4f')} | "
+                     f"{cell(r['trainable_params'], ',.0f')} | {cell(r['trainable_percent'], '.3f')} | "
+                     f"{cell(r['adapter_mb'], '.2f')} | {cell(r['wall_s'], '.0f')} | "
+                     f"{cell(r['peak_memory_mb'], '.0f')} | {cell(r['tokens_per_s'], ',.0f')} | "
+                     f"{r['trials']} ({r['stopped']}) |")
+    notes = ["", "A method marked (stopped) had every trial stopped early by the scheduler: its figures are "
+             "from the last evaluation before the stop, and it has no export (adapter size —)."]
+    return "\n".join(lines + (notes if any(not r["registrable"] for r in table) else [])) + "\n"
+
+
+def cell(value: float, spec: str) -> str:
+    return "—" if value is None or math.isnan(value) else format(value, spec)
 
 
 def pareto_plot(rows: list[dict[str, Any]], table: list[dict[str, Any]], metric: str, mode: str, path: Path) -> None:

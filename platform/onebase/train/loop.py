@@ -94,7 +94,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if progress:
                 progress.update(step, window, spec.train.log_every_steps)
             if tracker and (step % spec.train.log_every_steps == 0 or step == total_steps):
-                tracker.metrics(window.summary(engine.get_lr()[0], step / steps_per_epoch), step)
+                tracker.metrics({**window.summary(engine.get_lr()[0], step / steps_per_epoch),
+                                 "peak_memory_mb": peak_memory_mb(device)}, step)
                 window = Window()
             at_eval = spec.train.eval_every_steps and step % spec.train.eval_every_steps == 0
             if at_eval and step < total_steps:
