@@ -6,6 +6,7 @@ Each sweep writes its report (markdown + Pareto PNG) under runs/<sweep>/<parent 
 
     .venv/bin/python bench/sweep.py               # both sweeps
     .venv/bin/python bench/sweep.py --part a      # MiniLM only
+    .venv/bin/python bench/sweep.py --part a --no-early-stop   # every trial runs to the end (fair table)
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEPS = {"a": REPO / "jobs" / "sweep-adapters.yaml", "b": REPO / "jobs" / "sweep-smollm2-sentiment.yaml"}
 
 
-def run(path: Path) -> dict:
+def run(path: Path, early_stop: bool) -> dict:
     from onebase.sweep.run import run_sweep
     from onebase.sweep.spec import load_sweep
 
     sweep, base = load_sweep(path)
+    if not early_stop:
+        sweep.scheduler.type = "none"
+        sweep.name = f"{sweep.name}-no-early-stop"
     began = time.perf_counter()
     result = run_sweep(sweep, base, path.read_text())
     table = [{k: row[k] for k in ("method", "metric", "trainable_params", "trainable_percent", "adapter_mb",
@@ -35,7 +39,8 @@ def run(path: Path) -> dict:
     full = next((r["metric"] for r in table if r["method"] == "full"), None)
     small = [r for r in table if r["method"] != "full" and r["trainable_percent"] < 1]
     best_small = max(small, key=lambda r: r["metric"]) if small else None
-    figures = {"sweep": sweep.name, "metric": sweep.metric, "wall_s": time.perf_counter() - began,
+    figures = {"sweep": sweep.name, "metric": sweep.metric, "scheduler": sweep.scheduler.type,
+               "wall_s": time.perf_counter() - began,
                "table": table, "full_finetune": full,
                "best_under_1pct": best_small and {"method": best_small["method"], "metric": best_small["metric"],
                                                   "gap_to_full": (full - best_small["metric"]) if full else None},
@@ -49,14 +54,16 @@ def run(path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--no-early-stop", action="store_true", help="scheduler none instead of the spec's ASHA")
     args = parser.parse_args()
     os.chdir(REPO)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
                "date": time.strftime("%Y-%m-%d")}
     for part in ("a", "b"):
         if args.part in (part, "all"):
-            results[part] = run(SWEEPS[part])
-            print(json.dumps(results[part], indent=2))
+            key = f"{part}-no-early-stop" if args.no_early_stop else part
+            results[key] = run(SWEEPS[part], early_stop=not args.no_early_stop)
+            print(json.dumps(results[key], indent=2))
     out = REPO / "bench" / "results" / "sweep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.is_file() else {}

@@ -28,13 +28,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="rebuild the report of an earlier sweep from its MLflow parent run; trains nothing")
     sweep.add_argument("--out", help="where --report-only writes the report (default: runs/<sweep>/<run id>)")
 
-    validate = sub.add_parser("validate", help="check a job spec without running it")
+    validate = sub.add_parser("validate", help="check a job or sweep spec without running it")
     validate.add_argument("spec")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    commands = dict(COMMANDS)
+    for register in command_groups():
+        commands.update(register(sub))
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return commands[args.command](args)
     except OnebaseError as err:
         print(f"onebase: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -88,8 +91,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from onebase.spec import load_spec
+    from onebase.spec import load_spec, spec_kind
 
+    if spec_kind(args.spec) == "sweep":
+        from onebase.sweep.spec import draw_trials, load_sweep
+
+        if args.overrides:
+            raise OnebaseError("--set applies to job specs; a sweep sets job fields under overrides:")
+        sweep, _ = load_sweep(args.spec)
+        print(f"{args.spec}: ok (sweep over {len(sweep.methods)} method(s), {len(draw_trials(sweep))} trial(s), "
+              f"scheduler {sweep.scheduler.type})")
+        return 0
     spec = load_spec(args.spec, args.overrides)
     print(f"{args.spec}: ok ({spec.task}, method {spec.method.name}, {spec.scaling.num_workers} worker(s), "
           f"ZeRO-{spec.deepspeed.stage})")
@@ -97,6 +109,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate}
+
+
+# Further command groups: modules with `register(subparsers) -> {command: handler}`. Their
+# top-level imports stay light (argparse only) so `onebase --help` and bad input stay fast.
+COMMAND_GROUPS: list[str] = []
+
+
+def command_groups():
+    import importlib
+
+    return [importlib.import_module(name).register for name in COMMAND_GROUPS]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,17 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     return parse_spec(raw, source=str(path))
 
 
+def spec_kind(path: str | Path) -> str:
+    """'sweep' for a sweep spec (methods to pit against each other), else 'job'; unreadable files are 'job'
+    so that the job loader reports what is wrong with them."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return "job"
+    is_sweep = isinstance(raw, dict) and "methods" in raw and ("job" in raw or "base" in raw)
+    return "sweep" if is_sweep else "job"
+
+
 def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
