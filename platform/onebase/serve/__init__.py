@@ -1,0 +1,1 @@
+"""Serving: one frozen base per replica, any number of adapters of any method, chosen per request."""

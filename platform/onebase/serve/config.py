@@ -1,0 +1,77 @@
+"""The serving application's arguments (the `args:` of a Ray Serve config), validated."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from pydantic import Field, model_validator
+
+from onebase.spec.schema import Strict
+
+
+class BaseSpec(Strict):
+    name: str = Field(description="bundled model name, HF model directory or hub id")
+    alias: str | None = Field(None, description="the model name requests use for the bare base (default: name)")
+    task: str | None = Field(None, description="causal-lm or sequence-classification (default: from the model)")
+    replicas: int = Field(1, gt=0)
+    threads: int | None = Field(None, gt=0, description="torch threads per replica")
+    cpus: float = Field(1, gt=0, description="CPUs Ray reserves per replica")
+    gpus: float = Field(0, ge=0)
+    max_adapters: int = Field(64, gt=0, description="adapters resident per replica (LRU beyond)")
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_ms: float = Field(5, ge=0)
+
+    @property
+    def model_name(self) -> str:
+        return self.alias or re.sub(r"[^A-Za-z0-9._-]", "-", self.name.rstrip("/").split("/")[-1])
+
+
+class AdapterRef(Strict):
+    id: str
+    source: str
+    base: str | None = None
+
+
+class AuthSpec(Strict):
+    api_keys: list[str] = Field(default_factory=list, description="empty: queries need no key")
+    api_keys_env: str | None = Field(None, description="env var with comma-separated API keys")
+    admin_token: str | None = None
+    admin_token_env: str | None = Field(None, description="env var holding the admin token")
+
+    def keys(self) -> set[str]:
+        keys = set(self.api_keys)
+        if self.api_keys_env:
+            keys |= {k.strip() for k in os.environ.get(self.api_keys_env, "").split(",") if k.strip()}
+        return keys
+
+    def admin(self) -> str | None:
+        if self.admin_token_env and os.environ.get(self.admin_token_env):
+            return os.environ[self.admin_token_env]
+        return self.admin_token
+
+
+class LimitSpec(Strict):
+    max_prompt_tokens: int = Field(1024, gt=0)
+    max_tokens: int = Field(256, gt=0, description="new tokens per completion")
+    max_inputs: int = Field(64, gt=0, description="texts per /v1/classify request")
+
+
+class ServeArgs(Strict):
+    bases: list[BaseSpec] = Field(min_length=1)
+    adapters: list[AdapterRef] = Field(default_factory=list)
+    tracking_uri: str | None = None
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+    limits: LimitSpec = Field(default_factory=LimitSpec)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeArgs:
+        names = [b.model_name for b in self.bases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"bases: two bases are served under one name ({names}); set alias")
+        ids = [a.id for a in self.adapters]
+        clash = set(ids) & set(names) or {i for i in ids if ids.count(i) > 1}
+        if clash:
+            raise ValueError(f"adapters: id {sorted(clash)[0]!r} is used twice (adapter ids and base names are "
+                             "model names)")
+        return self

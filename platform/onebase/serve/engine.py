@@ -1,0 +1,395 @@
+"""One frozen base in memory, any number of adapters of any method on it, chosen per request.
+
+The base's tensors are loaded once. Every adapter runs on a *view*: a model skeleton of the
+adapter's task built on the meta device whose parameters are the base's own tensor objects (no
+copies), with only the adapter's tensors and its task head allocated. Adapters of the LoRA family
+(LoRA, DoRA) of one task and label count share one view and run mixed in a single forward
+(PEFT `adapter_names`); every other method (IA3, prefix, prompt, P-tuning, BitFit, Houlsby,
+AdapterBias) gets a view of its own and runs grouped. BitFit and the layer-norm-training methods
+overwrite base tensors: their view holds private copies of exactly those tensors.
+
+Model calls are serialised by one lock: PEFT's mixed batches install forward hooks for the
+duration of a call, so two concurrent calls on one model would see each other's hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from onebase.data.prepare import render_prompt
+from onebase.methods import get_method
+from onebase.methods.native import head_modules
+from onebase.model.assets import resolve_model
+from onebase.model.build import AUTO_CLASSES, base_fingerprint, load_tokenizer
+from onebase.serve.artifacts import AdapterError, AdapterInfo
+from onebase.spec.schema import PromptSpec
+
+BASE = "__base__"
+
+
+@dataclass
+class Loaded:
+    """An adapter resident on this engine. Leases keep it alive while requests use it."""
+
+    id: str
+    key: str  # unique internal name: a reloaded id never collides with the copy it replaces
+    info: AdapterInfo
+    runner: Runner
+    load_ms: float
+    tag: str = ""  # the serving layer's name for this copy (adapter id and revision)
+    leases: int = 0
+    closing: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Runner:
+    """A model that serves one or more adapters of one task."""
+
+    model: nn.Module
+    task: str
+    labels: list[str] | None
+    mixed: bool  # True: LoRA-family pool, rows pick their adapter through adapter_names
+    keys: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Row:
+    """One request's input: text to classify, or a prompt (already rendered) to continue."""
+
+    adapter: Loaded | None  # None: the bare base
+    text: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+class BaseEngine:
+    def __init__(self, model: str, task: str | None = None, threads: int | None = None) -> None:
+        import transformers
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.name = model
+        self.path = resolve_model(model)
+        self.config = transformers.AutoConfig.from_pretrained(self.path)
+        self.decoder = _is_decoder(self.config)
+        self.task = task or ("causal-lm" if self.decoder else "sequence-classification")
+        self.tokenizer = load_tokenizer(self.path)
+        # The bare base: the causal LM (the generalist) or the backbone alone (an encoder has no
+        # head of its own; its specialists bring theirs).
+        auto = transformers.AutoModelForCausalLM if self.task == "causal-lm" else transformers.AutoModel
+        self.base = auto.from_pretrained(self.path, dtype=torch.float32).eval().requires_grad_(False)
+        self.fingerprint = base_fingerprint(self.base)
+        # Name -> tensor as loaded, before any adapter touched a module (tied weights appear under both names).
+        self.tensors: dict[str, torch.Tensor] = {
+            **dict(self.base.named_parameters(remove_duplicate=False)),
+            **dict(self.base.named_buffers(remove_duplicate=False)),  # non-persistent ones too (position ids)
+        }
+        self.pools: dict[tuple[str, int], Runner] = {}
+        self.adapters: dict[str, Loaded] = {}
+        self.lock = threading.RLock()
+        self._serial = 0
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    def load(self, adapter_id: str, info: AdapterInfo) -> Loaded:
+        """Put an adapter on this base; refuses one trained on another base."""
+        if info.task == "causal-lm" and not self.decoder:
+            raise AdapterError(f"adapter {adapter_id}: a causal-lm adapter needs a decoder base, not {self.name}")
+        if info.base_fingerprint and info.base_fingerprint != self.fingerprint:
+            raise AdapterError(f"adapter {adapter_id}: trained on a different base (sha256 "
+                               f"{info.base_fingerprint[:12]}...), this replica serves {self.name} "
+                               f"(sha256 {self.fingerprint[:12]}...)")
+        started = time.perf_counter()
+        with self.lock:
+            self._serial += 1
+            key = f"a{self._serial}"
+            try:
+                runner = self._attach(key, info)
+            except AdapterError:
+                raise
+            except Exception as err:  # shapes that do not fit, broken configs: the adapter's fault
+                raise AdapterError(f"adapter {adapter_id}: cannot load on {self.name}: "
+                                   f"{_one_line(err)}") from None
+            loaded = Loaded(adapter_id, key, info, runner, (time.perf_counter() - started) * 1000)
+            self.adapters[key] = loaded
+        return loaded
+
+    def lease(self, loaded: Loaded) -> Loaded:
+        with loaded.lock:
+            if loaded.closing:
+                raise AdapterError(f"adapter {loaded.id} was unloaded")
+            loaded.leases += 1
+        return loaded
+
+    def release(self, loaded: Loaded) -> None:
+        with loaded.lock:
+            loaded.leases -= 1
+            drop = loaded.closing and loaded.leases == 0
+        if drop:
+            self._detach(loaded)
+
+    def unload(self, loaded: Loaded) -> None:
+        """Remove an adapter once no request uses it (now, or when the last lease is released)."""
+        with loaded.lock:
+            if loaded.closing:
+                return  # Serve may call an evicted model's __del__ twice
+            loaded.closing = True
+            drop = loaded.leases == 0
+        if drop:
+            self._detach(loaded)
+
+    def _attach(self, key: str, info: AdapterInfo) -> Runner:
+        labels = info.labels or _head_labels(info)
+        if info.mixes_in_batch:
+            pool_key = (info.task, len(labels or ()))
+            pool = self.pools.get(pool_key)
+            if pool is None:
+                from peft import PeftModel
+
+                view = self.view(info.task, labels)
+                model = PeftModel.from_pretrained(view, str(info.path), adapter_name=key).eval()
+                pool = self.pools[pool_key] = Runner(model, info.task, labels, mixed=True)
+            else:
+                pool.model.load_adapter(str(info.path), adapter_name=key, low_cpu_mem_usage=True)
+                pool.model.eval()
+            pool.keys.add(key)
+            return pool
+        private = _overwritten_base_tensors(info)
+        view = self.view(info.task, labels, private=private)
+        model = get_method(info.method).load(view, info.path).eval()
+        _require_loaded(model, info)
+        return Runner(model, info.task, labels, mixed=False, keys={key})
+
+    def _detach(self, loaded: Loaded) -> None:
+        with self.lock:
+            self.adapters.pop(loaded.key, None)
+            runner = loaded.runner
+            runner.keys.discard(loaded.key)
+            if runner.mixed:
+                runner.model.delete_adapter(loaded.key)
+
+    def view(self, task: str, labels: list[str] | None, private: set[str] = frozenset()) -> nn.Module:
+        """A model for `task` whose parameters are this base's tensors; the head (and `private`
+        tensors) are allocated for the adapter to fill."""
+        import transformers
+
+        config = copy.deepcopy(self.config)
+        if task != "causal-lm":
+            config.num_labels = len(labels or ())
+            config.id2label = dict(enumerate(labels or ()))
+            config.label2id = {label: i for i, label in enumerate(labels or ())}
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id  # decoder classifiers find the last token by it
+        auto = getattr(transformers, AUTO_CLASSES[task])
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=torch.float32)
+        prefix = f"{model.base_model_prefix}."
+        heads = tuple(f"{name}." for name in head_modules(model))
+        for module_name, module in model.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(module, kind)
+                for name, tensor in list(table.items()):
+                    if tensor is None:
+                        continue
+                    full = f"{module_name}.{name}" if module_name else name
+                    shared = None if full.startswith(heads) else (
+                        self.tensors.get(full) if full in self.tensors else self.tensors.get(full.removeprefix(prefix)))
+                    if shared is not None and full not in private:
+                        table[name] = shared
+                    elif shared is not None:
+                        table[name] = _like(shared.detach().clone(), kind)
+                    else:
+                        table[name] = _like(torch.zeros(tensor.shape, dtype=tensor.dtype), kind)
+        return model.eval().requires_grad_(False)
+
+    # ---- inference -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def classify(self, rows: list[Row], max_length: int = 512) -> list[dict[str, Any]]:
+        """Label and probabilities per row; rows of one LoRA pool share a forward."""
+        results: list[dict[str, Any] | None] = [None] * len(rows)
+        with self.lock:
+            for runner, indices in self._groups(rows):
+                if runner.task != "sequence-classification":
+                    raise AdapterError(f"adapter {rows[indices[0]].adapter.id}: a {runner.task} adapter "
+                                       "does not classify")
+                enc = self.tokenizer([rows[i].text for i in indices], padding=True, truncation=True,
+                                     max_length=max_length, return_tensors="pt")
+                kwargs = {"adapter_names": [rows[i].adapter.key for i in indices]} if runner.mixed else {}
+                logits = runner.model(**enc, **kwargs).logits.float()
+                probs = logits.softmax(-1)
+                for row_probs, i in zip(probs, indices):
+                    labels = rows[i].adapter.info.labels or runner.labels or \
+                        [f"LABEL_{j}" for j in range(len(row_probs))]
+                    best = int(row_probs.argmax())
+                    results[i] = {"label": labels[best],
+                                  "probabilities": {label: round(float(p), 6) for label, p in zip(labels, row_probs)}}
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def generate(self, rows: list[Row]) -> list[dict[str, Any]]:
+        """Continue each row's prompt; one generate call per group of (runner, sampling settings)."""
+        results: list[dict[str, Any] | None] = [None] * len(rows)
+        with self.lock:
+            for runner, indices in self._groups(rows, sampling=True):
+                first = rows[indices[0]]
+                enc = self._encode_prompts([rows[i].text for i in indices])
+                kwargs = {"adapter_names": [rows[i].adapter.key if rows[i].adapter else BASE for i in indices]} \
+                    if runner.mixed else {}
+                longest = max(rows[i].max_tokens for i in indices)
+                out = runner.model.generate(**enc, **kwargs, **self._sampling(first, longest))
+                new = out[:, enc["input_ids"].shape[1]:]
+                for position, i in enumerate(indices):
+                    results[i] = {**self._decode(new[position], rows[i].max_tokens),
+                                  "prompt_tokens": int(enc["attention_mask"][position].sum())}
+        return results  # type: ignore[return-value]
+
+    def stream(self, row: Row) -> Iterator[str]:
+        """Text pieces as they are generated (a thread runs generate; the model lock is held throughout)."""
+        from transformers import TextIteratorStreamer
+
+        runner = self._runner(row)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        enc = self._encode_prompts([row.text])
+        kwargs = {"adapter_names": [row.adapter.key if row.adapter else BASE]} if runner.mixed else {}
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                with self.lock, torch.inference_mode():
+                    runner.model.generate(**enc, **kwargs, streamer=streamer, **self._sampling(row, row.max_tokens))
+            except BaseException as err:  # surfaced to the reader below
+                failure.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def render_chat(self, messages: list[dict[str, str]], adapter: Loaded | None) -> str:
+        """The prompt text for a chat: an adapter trained with a template gets its own template."""
+        prompt = adapter.info.prompt if adapter else None
+        if prompt:
+            spec = PromptSpec.model_validate(prompt)
+            last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            instruction = spec.instruction or ""
+            return render_prompt(spec, self.tokenizer, instruction, last_user)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _runner(self, row: Row) -> Runner:
+        if row.adapter is not None:
+            return row.adapter.runner
+        if self.task != "causal-lm":
+            raise AdapterError(f"the bare base {self.name} has no task head: name an adapter")
+        pool = self.pools.get(("causal-lm", 0))
+        # Base rows join the causal LoRA pool's forward as "__base__" when there is one.
+        return pool if pool is not None else Runner(self.base, "causal-lm", None, mixed=False)
+
+    def _groups(self, rows: list[Row], sampling: bool = False) -> list[tuple[Runner, list[int]]]:
+        groups: dict[tuple, tuple[Runner, list[int]]] = {}
+        for i, row in enumerate(rows):
+            runner = self._runner(row)
+            key = (id(runner), (row.temperature, row.top_p) if sampling else None)
+            groups.setdefault(key, (runner, []))[1].append(i)
+        return list(groups.values())
+
+    def _encode_prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        # Decoders continue from the last position: pad on the left. Chat templates carry their own BOS.
+        self.tokenizer.padding_side = "left"
+        specials = not any(t.startswith(self.tokenizer.bos_token or "\0") for t in texts)
+        return dict(self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=specials))
+
+    def _sampling(self, row: Row, max_tokens: int) -> dict[str, Any]:
+        settings: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if row.temperature > 0:
+            settings.update(do_sample=True, temperature=row.temperature, top_p=row.top_p)
+        else:
+            settings.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return settings
+
+    def _decode(self, tokens: torch.Tensor, max_tokens: int) -> dict[str, Any]:
+        tokens = tokens[:max_tokens].tolist()
+        eos = self.tokenizer.eos_token_id
+        finish = "length"
+        if eos in tokens:
+            tokens, finish = tokens[: tokens.index(eos)], "stop"
+        return {"text": self.tokenizer.decode(tokens, skip_special_tokens=True), "completion_tokens": len(tokens),
+                "finish_reason": finish}
+
+
+def _like(tensor: torch.Tensor, kind: str) -> torch.Tensor:
+    return nn.Parameter(tensor, requires_grad=False) if kind == "_parameters" else tensor
+
+
+def _is_decoder(config) -> bool:
+    from onebase.methods.prompt_learning import is_decoder_only
+
+    return is_decoder_only(config)
+
+
+def _head_labels(info: AdapterInfo) -> list[str] | None:
+    """Labels for an adapter made elsewhere (no onebase.json): LABEL_i, as many as its head has."""
+    if info.task != "sequence-classification":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(info.weights), framework="pt") as file:
+        for key in file.keys():
+            if any(part in key for part in ("classifier", "score")) and key.endswith("weight"):
+                return [f"LABEL_{i}" for i in range(file.get_slice(key).get_shape()[0])]
+    raise AdapterError(f"adapter {info.path.name}: a sequence-classification adapter without its head "
+                       "(modules_to_save) cannot classify")
+
+
+def _overwritten_base_tensors(info: AdapterInfo) -> set[str]:
+    """Base tensors an onebase-native adapter replaces (BitFit's biases, trained layer norms)."""
+    if info.peft_type is not None:
+        return set()
+    from safetensors import safe_open
+
+    with safe_open(str(info.weights), framework="pt") as file:
+        return set(file.keys())
+
+
+def _require_loaded(model: nn.Module, info: AdapterInfo) -> None:
+    """A classification adapter must bring its head: a zero head would answer with constant labels."""
+    if info.task != "sequence-classification" or info.peft_type is not None:
+        return
+    from safetensors import safe_open
+
+    heads = tuple(f"{name}." for name in head_modules(model))
+    with safe_open(str(info.weights), framework="pt") as file:
+        if not any(key.startswith(heads) for key in file.keys()):
+            raise AdapterError(f"adapter {info.path.name}: no task head in {info.weights.name}")
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def load_path(path: str | Path) -> AdapterInfo:
+    from onebase.serve.artifacts import inspect
+
+    return inspect(Path(path))

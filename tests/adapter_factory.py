@@ -1,0 +1,80 @@
+"""Tiny bases saved as HF model directories, and adapters of any method exported the way training does.
+
+The adapters come from the method registry's own `apply` and `export` (the code `onebase run` uses),
+with their trainable tensors moved off their initial values so that every adapter changes outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from conftest import TINY_BERT, TINY_LLAMA
+from onebase.methods import get_method, method_config
+from onebase.model.assets import resolve_model
+from onebase.model.build import AUTO_CLASSES, base_fingerprint, load_tokenizer
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def tiny_base(root: Path, kind: str) -> Path:
+    """A tiny random BERT or Llama (bundled tokenizers) saved once under root/kind."""
+    import transformers
+
+    target = root / kind
+    if (target / "config.json").is_file():
+        return target
+    source = TINY_BERT if kind == "bert" else TINY_LLAMA
+    path = resolve_model(source["name"])
+    config = transformers.AutoConfig.from_pretrained(path)
+    for key, value in source["config_overrides"].items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForCausalLM if kind == "llama" else transformers.AutoModel
+    auto.from_config(config, dtype=torch.float32).save_pretrained(target)
+    load_tokenizer(path).save_pretrained(target)
+    return target
+
+
+def make_adapter(base: Path, out: Path, task: str, method: dict, labels: list[str] | None = LABELS,
+                 seed: int = 0, prompt: dict | None = None) -> Path:
+    import transformers
+
+    torch.manual_seed(seed)
+    head = {}
+    if task != "causal-lm":
+        head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {label: i for i, label in enumerate(labels)}}
+    model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base, dtype=torch.float32, **head)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = load_tokenizer(str(base)).pad_token_id
+    fingerprint = base_fingerprint(model)
+    config = method_config(method)
+    tuned = get_method(config.name).apply(model, config, task)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.2)
+    get_method(config.name).export(tuned, tuned.state_dict(), out)
+    info = {"task": task, "method": config.name, "labels": labels if task != "causal-lm" else None,
+            "base_model": str(base), "base_fingerprint": fingerprint, "prompt": prompt}
+    (out / "onebase.json").write_text(json.dumps(info))
+    return out
+
+
+def reference_model(base: Path, export: Path, task: str, labels: list[str] | None = LABELS):
+    """The tuned model rebuilt the plain way: a fresh base from disk plus the method's own loader."""
+    import transformers
+
+    from onebase.methods import load_trained
+
+    head = {}
+    if task != "causal-lm":
+        head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {label: i for i, label in enumerate(labels)}}
+    model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base, dtype=torch.float32, **head)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = load_tokenizer(str(base)).pad_token_id
+    return load_trained(model, export).eval()
