@@ -102,6 +102,33 @@ def test_every_method_generates_on_one_shared_base_like_a_fresh_model(bases, ada
     assert "".join(engine.stream(Row(loaded["lora"], PROMPTS[0], max_tokens=8))) == mixed[0]["text"]
 
 
+def test_many_lora_adapters_hot_load_and_unload_like_peft(bases, tmp_path):
+    engine = BaseEngine(str(bases["llama"]))
+    exports = [make_adapter(bases["llama"], tmp_path / f"lora{i}", "causal-lm", {"name": "lora", "r": 2 + i},
+                            seed=200 + i) for i in range(4)]
+    loaded = [engine.load(f"lora{i}", inspect(path)) for i, path in enumerate(exports)]
+    pool = loaded[0].runner
+    assert all(a.runner is pool for a in loaded)
+    assert set(pool.lora.fast) == {a.key for a in loaded[1:]}  # the first built the pool through PEFT
+    mixed = engine.generate([Row(a, p, max_tokens=6) for a in loaded for p in PROMPTS])
+    tokenizer = engine.tokenizer
+    for k, path in enumerate(exports):
+        reference = reference_model(bases["llama"], path, "causal-lm", None)
+        for j, prompt in enumerate(PROMPTS):
+            enc = tokenizer([prompt], return_tensors="pt")
+            with torch.no_grad():
+                out = reference.generate(**enc, max_new_tokens=6, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+            if tokenizer.eos_token_id in out:
+                out = out[: out.index(tokenizer.eos_token_id)]
+            assert mixed[2 * k + j]["text"] == tokenizer.decode(out, skip_special_tokens=True), k
+    for adapter in loaded[1:]:
+        engine.unload(adapter)
+    layers = list(pool.lora.layers.values())
+    assert all(set(layer.lora_A) == {loaded[0].key} for layer in layers)
+    assert engine.generate([Row(loaded[0], PROMPTS[0], max_tokens=6)])[0]["text"] == mixed[0]["text"]
+
+
 def test_unload_waits_for_requests_in_flight(bases, adapters):
     engine = BaseEngine(str(bases["bert"]))
     adapter = engine.load("x", inspect(adapters["cls-lora"]))

@@ -30,7 +30,7 @@ from onebase.serve.config import AdapterRef, BaseSpec, LimitSpec, ServeArgs
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class Catalog:
     """Adapter id -> {source, base, revision, ...}; staged revisions become active once warmed."""
 
@@ -320,7 +320,9 @@ def _usage(results: list[dict[str, Any]]) -> dict[str, int]:
 
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# Serve admits 5 requests per replica by default: the gateway only awaits, so let it hold many
+# (and the bases see enough concurrent requests to fill their batches).
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Gateway:
     def __init__(self, catalog, servers: dict[str, Any], args: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from onebase.methods.native import head_modules
 from onebase.model.assets import resolve_model
 from onebase.model.build import AUTO_CLASSES, base_fingerprint, load_tokenizer
 from onebase.serve.artifacts import AdapterError, AdapterInfo
+from onebase.serve.lora_pool import LoraPool
 from onebase.spec.schema import PromptSpec
 
 BASE = "__base__"
@@ -58,8 +59,9 @@ class Runner:
     model: nn.Module
     task: str
     labels: list[str] | None
-    mixed: bool  # True: LoRA-family pool, rows pick their adapter through adapter_names
+    mixed: bool  # True: a LoRA pool, rows pick their adapter through adapter_names
     keys: set[str] = field(default_factory=set)
+    lora: LoraPool | None = None
 
 
 @dataclass
@@ -159,10 +161,12 @@ class BaseEngine:
 
                 view = self.view(info.task, labels)
                 model = PeftModel.from_pretrained(view, str(info.path), adapter_name=key).eval()
-                pool = self.pools[pool_key] = Runner(model, info.task, labels, mixed=True)
-            else:
+                pool = self.pools[pool_key] = Runner(model, info.task, labels, mixed=True, lora=LoraPool(model))
+            elif not pool.lora.add(key, info.path):
                 pool.model.load_adapter(str(info.path), adapter_name=key, low_cpu_mem_usage=True)
                 pool.model.eval()
+                fast, pool.lora = pool.lora.fast, LoraPool(pool.model)  # PEFT may have wrapped new layers
+                pool.lora.fast = fast
             pool.keys.add(key)
             return pool
         private = _overwritten_base_tensors(info)
@@ -176,8 +180,8 @@ class BaseEngine:
             self.adapters.pop(loaded.key, None)
             runner = loaded.runner
             runner.keys.discard(loaded.key)
-            if runner.mixed:
-                runner.model.delete_adapter(loaded.key)
+            if runner.lora is not None:
+                runner.lora.remove(loaded.key)
 
     def view(self, task: str, labels: list[str] | None, private: set[str] = frozenset()) -> nn.Module:
         """A model for `task` whose parameters are this base's tensors; the head (and `private`
