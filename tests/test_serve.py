@@ -330,7 +330,7 @@ def test_bad_adapters_and_bad_requests_get_4xx_while_serving_continues(server, b
         assert r.status_code == 400 and message in r.json()["error"]["message"], (adapter_id, r.text)
     checks = [
         ("post", "/v1/classify", {"model": "sentiment", "input": "x"}, {}, 401, "API key"),
-        ("post", "/v1/classify", {"model": "sentiment", "input": "x"}, {"Authorization": "Bearer nope"}, 401, "API key"),
+        ("post", "/v1/classify", {"model": "sentiment", "input": "x"}, {"Authorization": "Bearer no"}, 401, "API key"),
         ("get", "/admin/adapters", None, KEY, 401, "admin token"),
         ("post", "/v1/classify", {"model": "sentiment", "input": ["x"] * 9}, KEY, 400, "1 to 8 texts"),
         ("post", "/v1/completions", {"model": "chat-lora", "prompt": "hi", "max_tokens": 500}, KEY, 400, "max_tokens"),
