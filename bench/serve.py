@@ -36,6 +36,8 @@ PROMPTS = [
     "Describe your favourite breakfast and why you like it so much in one short sentence.",
 ]
 NEW_TOKENS = 16
+COUNTS = (1, 10, 100)
+BATCH_WAIT_MS = 100  # a batch waits this long to fill (it starts at once when full)
 # Chat requests: as raw completions, these instruct-model prompts often end at once with EOS, which
 # would compare batches of 16 tokens with requests of 0. Through the chat template every answer
 # runs the full 16 tokens, in the naive loop and through the server alike.
@@ -206,7 +208,7 @@ def server_figures(adapters: list[Path], requests_total: int, concurrency: int) 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"bases": [{"name": "smollm2-135m-instruct", "alias": "smollm2", "threads": 2, "cpus": 1,
-                       "max_adapters": 128, "max_batch_size": 16, "batch_wait_ms": 10}],
+                       "max_adapters": 128, "max_batch_size": 16, "batch_wait_ms": BATCH_WAIT_MS}],
             "auth": {"admin_token": "bench"}, "limits": {"max_tokens": NEW_TOKENS}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -221,7 +223,7 @@ def server_figures(adapters: list[Path], requests_total: int, concurrency: int) 
     results: dict[str, dict] = {}
     loaded: list[str] = []
     try:
-        for count in (1, 10, 100):
+        for count in COUNTS:
             while len(loaded) < count:
                 name = f"adapter{len(loaded):03d}"
                 r = requests.post(f"{url}/admin/adapters", headers=admin, timeout=300,
