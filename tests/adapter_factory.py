@@ -40,16 +40,8 @@ def tiny_base(root: Path, kind: str) -> Path:
 
 def make_adapter(base: Path, out: Path, task: str, method: dict, labels: list[str] | None = LABELS,
                  seed: int = 0, prompt: dict | None = None) -> Path:
-    import transformers
-
     torch.manual_seed(seed)
-    head = {}
-    if task != "causal-lm":
-        head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                "label2id": {label: i for i, label in enumerate(labels)}}
-    model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base, dtype=torch.float32, **head)
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = load_tokenizer(str(base)).pad_token_id
+    model = task_model(base, task, labels)
     fingerprint = base_fingerprint(model)
     config = method_config(method)
     tuned = get_method(config.name).apply(model, config, task)
@@ -66,9 +58,14 @@ def make_adapter(base: Path, out: Path, task: str, method: dict, labels: list[st
 
 def reference_model(base: Path, export: Path, task: str, labels: list[str] | None = LABELS):
     """The tuned model rebuilt the plain way: a fresh base from disk plus the method's own loader."""
-    import transformers
-
     from onebase.methods import load_trained
+
+    return load_trained(task_model(base, task, labels), export).eval()
+
+
+def task_model(base: Path, task: str, labels: list[str] | None):
+    """The base from disk with the task's head (a fresh one for classification)."""
+    import transformers
 
     head = {}
     if task != "causal-lm":
@@ -77,4 +74,4 @@ def reference_model(base: Path, export: Path, task: str, labels: list[str] | Non
     model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base, dtype=torch.float32, **head)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = load_tokenizer(str(base)).pad_token_id
-    return load_trained(model, export).eval()
+    return model

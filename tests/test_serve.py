@@ -52,6 +52,20 @@ def adapters(bases, tmp_path_factory) -> dict[str, Path]:
     return made
 
 
+def greedy_texts(model, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
+    """What a plain, one-prompt-at-a-time greedy generate answers (up to EOS)."""
+    texts = []
+    for prompt in prompts:
+        enc = tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+        if tokenizer.eos_token_id in out:
+            out = out[: out.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(out, skip_special_tokens=True))
+    return texts
+
+
 def probabilities(results) -> torch.Tensor:
     return torch.tensor([[r["probabilities"][label] for label in LABELS] for r in results])
 
@@ -88,14 +102,8 @@ def test_every_method_generates_on_one_shared_base_like_a_fresh_model(bases, ada
         name = method["name"]
         loaded[name] = engine.load(name, inspect(adapters[f"lm-{name}"]))
         reference = reference_model(bases["llama"], adapters[f"lm-{name}"], "causal-lm", None)
-        for prompt, got in zip(PROMPTS, engine.generate([Row(loaded[name], p, max_tokens=8) for p in PROMPTS])):
-            enc = tokenizer([prompt], return_tensors="pt")
-            with torch.no_grad():
-                out = reference.generate(**enc, max_new_tokens=8, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
-            if tokenizer.eos_token_id in out:
-                out = out[: out.index(tokenizer.eos_token_id)]
-            assert got["text"] == tokenizer.decode(out, skip_special_tokens=True), name
+        got = engine.generate([Row(loaded[name], p, max_tokens=8) for p in PROMPTS])
+        assert [g["text"] for g in got] == greedy_texts(reference, tokenizer, PROMPTS, 8), name
     everything = [Row(loaded[m["name"]], p, max_tokens=8) for m in LM_METHODS for p in PROMPTS]
     mixed = engine.generate(everything + [Row(None, p, max_tokens=8) for p in PROMPTS])
     assert [r["text"] for r in mixed[-2:]] == [r["text"] for r in bare_before]  # the generalist is untouched
@@ -111,17 +119,10 @@ def test_many_lora_adapters_hot_load_and_unload_like_peft(bases, tmp_path):
     assert all(a.runner is pool for a in loaded)
     assert set(pool.lora.fast) == {a.key for a in loaded[1:]}  # the first built the pool through PEFT
     mixed = engine.generate([Row(a, p, max_tokens=6) for a in loaded for p in PROMPTS])
-    tokenizer = engine.tokenizer
     for k, path in enumerate(exports):
         reference = reference_model(bases["llama"], path, "causal-lm", None)
-        for j, prompt in enumerate(PROMPTS):
-            enc = tokenizer([prompt], return_tensors="pt")
-            with torch.no_grad():
-                out = reference.generate(**enc, max_new_tokens=6, do_sample=False,
-                                         pad_token_id=tokenizer.pad_token_id)[0, enc["input_ids"].shape[1]:].tolist()
-            if tokenizer.eos_token_id in out:
-                out = out[: out.index(tokenizer.eos_token_id)]
-            assert mixed[2 * k + j]["text"] == tokenizer.decode(out, skip_special_tokens=True), k
+        expected = greedy_texts(reference, engine.tokenizer, PROMPTS, 6)
+        assert [r["text"] for r in mixed[2 * k: 2 * k + 2]] == expected, k
     for adapter in loaded[1:]:
         engine.unload(adapter)
     layers = list(pool.lora.layers.values())

@@ -81,6 +81,21 @@ class Catalog:
         return [f"{e['id']}#{e['revision']}" for e in self.active.values()] + list(self.staged)
 
 
+def _share_batches() -> None:
+    """Let this request join batches with requests for other adapters.
+
+    Serve's @serve.batch splits every batch by multiplexed model id, which would run one forward per
+    adapter. Each row already carries its adapter (leased above), so this request's context drops
+    the id: the batch stays whole and LoRA rows mix in one forward. Only this request's task sees it.
+    """
+    import dataclasses
+
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
+
+
 class Resident:
     """What the multiplexed loader returns: an adapter on this replica's engine; unloaded on eviction."""
 
@@ -173,6 +188,7 @@ class BaseServer:
             loaded = await self._resident()
         except AdapterError as err:
             return {"error": str(err)}
+        _share_batches()
         try:
             rows = [Row(loaded, text) for text in texts]
             results = await asyncio.gather(*(self._classify_batch(row) for row in rows))
@@ -188,6 +204,7 @@ class BaseServer:
             loaded = await self._resident()
         except AdapterError as err:
             return {"error": str(err)}
+        _share_batches()
         try:
             row = self._row(loaded, prompt, messages, settings)
             if isinstance(row, dict):
