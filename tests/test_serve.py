@@ -165,6 +165,34 @@ def test_bad_adapters_are_refused_with_one_line(bases, adapters, tmp_path):
         engine.load("lm", inspect(adapters["lm-lora"]))
 
 
+def test_adapters_load_from_an_s3_compatible_store(bases, adapters, monkeypatch):
+    """moto's S3 server on 127.0.0.1 stands in for MinIO / S3 (the same HTTP API boto3 speaks)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from onebase.serve.artifacts import fetch
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="adapters")
+        for file in adapters["cls-houlsby"].iterdir():
+            s3.upload_file(str(file), "adapters", f"team/houlsby/{file.name}")
+        engine = BaseEngine(str(bases["bert"]))
+        local = engine.load("s3", inspect(fetch("s3://adapters/team/houlsby")))
+        direct = engine.load("dir", inspect(adapters["cls-houlsby"]))
+        assert engine.classify([Row(local, TEXTS[0])]) == engine.classify([Row(direct, TEXTS[0])])
+        with pytest.raises(AdapterError, match="no objects under that prefix"):
+            fetch("s3://adapters/nothing-here")
+    finally:
+        server.stop()
+
+
 # ---- the live server -------------------------------------------------------------------------
 
 def free_port() -> int:
