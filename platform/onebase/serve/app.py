@@ -277,15 +277,19 @@ async def _one_line_errors(request: Request, err: HTTPException) -> JSONResponse
                         status_code=err.status_code)
 
 
+class Sampling(BaseModel):
+    """What completions and chat completions share (OpenAI's defaults)."""
 
-class CompletionRequest(BaseModel):
     model: str
-    prompt: str | list[str]
-    max_tokens: int = 16
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
     stream: bool = False
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    max_tokens: int = 16
 
 
 class ChatMessage(BaseModel):
@@ -293,15 +297,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str
+class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = 1
-    stream: bool = False
 
 
 class ClassifyRequest(BaseModel):
@@ -494,7 +493,7 @@ class Gateway:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
                              "finish_reason": result["finish_reason"]}]}
 
-    def _settings(self, max_tokens: int, body) -> dict[str, Any]:
+    def _settings(self, max_tokens: int, body: Sampling) -> dict[str, Any]:
         if body.n != 1:
             raise HTTPException(400, "n: only n=1 is supported")
         if not 1 <= max_tokens <= self.args.limits.max_tokens:

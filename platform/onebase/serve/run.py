@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from onebase.errors import SpecError
@@ -17,23 +16,20 @@ IMPORT_PATH = "onebase.serve.app:build"
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The Serve config, with every onebase application's args checked (one line per problem)."""
+    """The Serve config (read and checked as `onebase deploy` does), with every application's
+    args checked against onebase's own schema: one line per problem, before Ray starts."""
+    from onebase.cluster.deploy import load_config
     from onebase.serve.config import ServeArgs
 
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"serve config not found: {path}")
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict) or not isinstance(raw.get("applications"), list) or not raw["applications"]:
-        raise SpecError(f"{path}: a Serve config needs a non-empty applications: list")
-    for i, app in enumerate(raw["applications"]):
+    config = load_config(path)
+    for i, app in enumerate(config["applications"]):
         if app.get("import_path") != IMPORT_PATH:
             raise SpecError(f"{path}: applications.{i}.import_path: onebase serves {IMPORT_PATH}")
         try:
             ServeArgs.model_validate(app.get("args") or {})
         except ValidationError as err:
             raise SpecError(f"{path}: applications.{i}.args.{describe(err)}") from None
-    return raw
+    return config
 
 
 def serve_config(path: str | Path, address: str | None = None, host: str | None = None,
