@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -31,8 +32,54 @@ def write_sweep(tmp_path, **fields):
     return path
 
 
+def port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def another_ray_on_this_machine():
+    """A second Ray instance beside the sweep's, as a user's local stack or Serve app would be.
+
+    Ray Train's placement-group cleaner once crashed on finding two instances, so every trial ASHA
+    stopped kept its CPU and the sweep hung waiting for a worker group.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from onebase.cluster.stack import free_port, node_ports
+
+    temp = tempfile.mkdtemp(prefix="obr2-", dir="/tmp")
+    ray, gcs_port = str(Path(sys.executable).parent / "ray"), free_port(set())
+    proc = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "0",
+                             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp,
+                             "--port", str(gcs_port), *node_ports(set())],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_open(gcs_port):
+            assert proc.poll() is None and time.monotonic() < deadline, "the second Ray instance did not start"
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()  # `ray start --block` takes its node down on SIGTERM
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_sweep_over_every_method_reports_and_registers(ray_cluster, workspace, tmp_path):
+def test_sweep_over_every_method_reports_and_registers(ray_cluster, another_ray_on_this_machine, workspace,
+                                                       tmp_path):
     path = write_sweep(tmp_path, methods={
         **{name: {} for name in sorted(METHODS)},
         "lora": {"r": [2, 4], "train.learning_rate": {"loguniform": [1e-3, 1e-2]}},

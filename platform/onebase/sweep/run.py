@@ -16,6 +16,8 @@ from typing import Any
 from onebase.errors import OnebaseError
 from onebase.sweep.spec import SweepSpec, draw_trials, trial_spec
 
+TRIAL_STARTUP_RETRIES = 5  # worker-group start attempts of 60 s each after the first
+
 
 def run_sweep(sweep: SweepSpec, base: dict[str, Any], sweep_text: str, address: str | None = None,
               tracking_uri: str | None = None, echo=print) -> dict[str, Any]:
@@ -110,8 +112,10 @@ def trial_main(config: dict[str, Any], trials: dict[str, dict[str, Any]], base: 
     model_path = check_model_available(spec.model.name, spec.model.revision)
     worker_config = launch.worker_config(spec, model_path, load_dataset(spec), uri, run_id)
     try:
+        # Tune only starts a trial when its workers fit, so a worker group that cannot start is a
+        # fault (e.g. resources held by something else): fail the trial, never wait for ever.
         result = launch.make_trainer(spec, worker_config, job_dir, f"trial-{trial_id}",
-                                     callbacks=[TuneReportCallback()]).fit()
+                                     callbacks=[TuneReportCallback()], startup_retries=TRIAL_STARTUP_RETRIES).fit()
     except Exception as err:
         mlflow_run.fail_run(uri, run_id, launch.root_cause(err))
         raise

@@ -85,7 +85,10 @@ def check_method_base(spec: JobSpec, model_path: str) -> None:
         raise SpecError(f"method: {err}") from None
 
 
-def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name: str, callbacks=()):
+def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name: str, callbacks=(),
+                 startup_retries: int = -1):
+    """`startup_retries`: how many times a worker group that found no resources in time (60 s each,
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) is retried before the run fails; -1 waits for ever."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -99,7 +102,8 @@ def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name:
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=ray_name, storage_path=str(job_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
+                             failure_config=FailureConfig(max_failures=spec.scaling.max_failures,
+                                                          controller_failure_limit=startup_retries),
                              checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
                              callbacks=list(callbacks)),
     )
@@ -150,11 +154,33 @@ def connect_ray(address: str | None) -> None:
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("ONEBASE_CACHE")})
     os.environ.update(env)  # the Train controller runs in this job's processes too
+    # No address: a fresh local Ray, never whichever cluster `ray start` left on this machine.
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    init_args, state_api = pin_state_api(target)
     try:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+        ray.init(address=target, runtime_env={"env_vars": {**env, **state_api}}, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING", **init_args)
     except ConnectionError as err:
         raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({root_cause(err)})") from None
+
+
+def pin_state_api(address: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Point Ray's own state-API calls at this job's Ray instance (ray.init args, worker env vars).
+
+    Ray Train's placement-group cleaner finds "the" local Ray instance by scanning processes; with a
+    second instance on the machine (a local stack, a Serve app) it crashes, and every early-stopped
+    sweep trial then keeps its CPUs for good: the next trials wait forever for a worker group.
+    """
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        return {}, {}
+    if address == "local":  # a fresh instance: fix its dashboard port, then name it
+        from onebase.cluster.stack import free_port
+
+        port = free_port(set())
+        return {"dashboard_port": port}, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    if address == "auto" or "://" in address:  # Ray resolves these itself (one instance, or Ray Client)
+        return {}, {}
+    return {}, {"RAY_ADDRESS": address}  # a GCS address: the state API asks that GCS for its dashboard
 
 
 def worker_slots(spec: JobSpec) -> int:
