@@ -20,11 +20,19 @@ def child_runs(uri: str, parent: str) -> list[Any]:
     return client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
 
 
-def close_stopped_trials(uri: str, parent: str) -> None:
-    """Trials ASHA stopped never finish their MLflow run: mark them KILLED, tagged why."""
+def close_stopped_trials(uri: str, parent: str, errored: set[str]) -> None:
+    """Trials ASHA stopped never finish their MLflow run: mark them KILLED, tagged why.
+
+    A stopped trial may also have seen its Train controller die first and marked its run FAILED;
+    only trials Tune itself reports as errored (`errored`: trial ids) stay FAILED.
+    """
     client = mlflow_run.client(uri)
     for run in child_runs(uri, parent):
-        if run.info.status == "RUNNING":
+        stopped = run.info.status == "RUNNING" or (
+            run.info.status == "FAILED" and run.data.tags.get("onebase.trial") not in errored)
+        if stopped:
+            if "onebase.failure" in run.data.tags:  # the controller's death, not the trial's fault
+                client.delete_tag(run.info.run_id, "onebase.failure")
             client.set_tag(run.info.run_id, "onebase.stopped", "early-stopped by the scheduler")
             client.set_terminated(run.info.run_id, "KILLED")
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 from onebase.errors import OnebaseError
 from onebase.sweep.spec import SweepSpec, draw_trials, trial_spec
 
@@ -44,11 +46,11 @@ def run_sweep(sweep: SweepSpec, base: dict[str, Any], sweep_text: str, address: 
     echo(f"sweep {sweep.name}: {len(trials)} trials over {', '.join(sweep.methods)}; "
          f"{concurrency} at a time; mlflow parent run {parent}")
     try:
-        tune_trials(sweep, base, trials, uri, parent, out_dir, concurrency)
+        errored = tune_trials(sweep, base, trials, uri, parent, out_dir, concurrency)
     except Exception as err:
         mlflow_run.fail_run(uri, parent, launch.root_cause(err))
         raise OnebaseError(f"sweep failed: {launch.root_cause(err)}") from err
-    report.close_stopped_trials(uri, parent)
+    report.close_stopped_trials(uri, parent, errored)
     result = report.build(uri, parent, sweep.metric, sweep.mode, out_dir)
     if sweep.register_best:
         result["registered"] = report.register_best(uri, result, f"{first.tracking.registered_model or sweep.name}")
@@ -57,7 +59,8 @@ def run_sweep(sweep: SweepSpec, base: dict[str, Any], sweep_text: str, address: 
 
 
 def tune_trials(sweep: SweepSpec, base: dict[str, Any], trials: list[dict[str, Any]], uri: str, parent: str,
-                out_dir: Path, concurrency: int) -> None:
+                out_dir: Path, concurrency: int) -> set[str]:
+    """Run the trials; returns the ids of those that failed (stopped ones are not failures)."""
     from ray import tune
     from ray.tune import CLIReporter
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -71,6 +74,7 @@ def tune_trials(sweep: SweepSpec, base: dict[str, Any], trials: list[dict[str, A
     by_label = {f"{t['method']}-{t['index']}": t for t in trials}
     trainable = tune.with_parameters(trial_main, trials=by_label, base=base, uri=uri, parent=parent,
                                      out_dir=str(out_dir))
+    failures = FailedTrials()
     reporter = CLIReporter(metric_columns=[sweep.metric, "step", "training_iteration"], parameter_columns=["trial"],
                            max_report_frequency=30, max_progress_rows=50)
     tuner = tune.Tuner(
@@ -81,13 +85,24 @@ def tune_trials(sweep: SweepSpec, base: dict[str, Any], trials: list[dict[str, A
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=f"tune-{sweep.name}", storage_path=str(out_dir / "tune"),
-                                  progress_reporter=reporter, verbose=1,
+                                  progress_reporter=reporter, verbose=1, callbacks=[failures],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     results = tuner.fit()
     errors = [r.error for r in results if r.error is not None]
     if errors and len(errors) == len(trials):
         raise errors[0]
+    return failures.trial_ids
+
+
+class FailedTrials(Callback):
+    """Collects the ids of trials that raised (not those the scheduler stopped)."""
+
+    def __init__(self) -> None:
+        self.trial_ids: set[str] = set()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.trial_ids.add(trial.trial_id)
 
 
 def trial_main(config: dict[str, Any], trials: dict[str, dict[str, Any]], base: dict[str, Any], uri: str,
