@@ -13,9 +13,11 @@ from mlflow.tracking import MlflowClient
 from conftest import onebase_cli, tiny_spec, write_spec
 from onebase.errors import SpecError
 from onebase.methods import METHODS
+from onebase.spec.load import parse_spec
 from onebase.sweep import report
 from onebase.sweep.run import run_sweep
 from onebase.sweep.spec import draw_trials, load_sweep
+from onebase.tracking import mlflow_run
 from onebase.tracking.mlflow_run import default_tracking_uri
 
 
@@ -162,3 +164,23 @@ def test_a_method_that_cannot_do_the_task_is_rejected(tmp_path):
     assert cli.stderr.strip().splitlines() == [
         f"onebase: error: {tmp_path / 'sweep.yaml'}: methods.prompt: method prompt does not support "
         "task extractive-qa (supports: causal-lm, sequence-classification)"]
+
+
+def test_stopped_trials_end_killed_and_real_failures_stay_failed(tmp_path):
+    # A stopped trial's Train controller can die before the trial does, so its run may say FAILED.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = mlflow_run.start_sweep_run(uri, "sweeps", "stops", "name: stops")
+    spec = parse_spec(tiny_spec("stops-job", tracking={"experiment": "sweeps"}))
+    runs = {trial: mlflow_run.start_run(uri, spec, "{}", parent_run_id=parent, tags={"onebase.trial": trial})
+            for trial in ("running", "stopped", "broken", "done")}
+    mlflow_run.fail_run(uri, runs["stopped"], "The actor is dead: its placement group was removed")
+    mlflow_run.fail_run(uri, runs["broken"], "CUDA out of memory")
+    mlflow_run.client(uri).set_terminated(runs["done"], "FINISHED")
+
+    report.close_stopped_trials(uri, parent, errored={"broken"})
+
+    status = {c.data.tags["onebase.trial"]: (c.info.status, c.data.tags) for c in report.child_runs(uri, parent)}
+    assert {trial: s for trial, (s, _) in status.items()} == {
+        "running": "KILLED", "stopped": "KILLED", "broken": "FAILED", "done": "FINISHED"}
+    assert "onebase.failure" not in status["stopped"][1] and status["stopped"][1]["onebase.stopped"]
+    assert status["broken"][1]["onebase.failure"] == "CUDA out of memory"
