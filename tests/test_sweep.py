@@ -34,13 +34,6 @@ def write_sweep(tmp_path, **fields):
     return path
 
 
-def port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture
 def another_ray_on_this_machine():
     """A second Ray instance beside the sweep's, as a user's local stack or Serve app would be.
@@ -56,7 +49,7 @@ def another_ray_on_this_machine():
     import time
     from pathlib import Path
 
-    from onebase.cluster.stack import free_port, node_ports
+    from onebase.cluster.stack import free_port, node_ports, port_free
 
     temp = tempfile.mkdtemp(prefix="obr2-", dir="/tmp")
     ray, gcs_port = str(Path(sys.executable).parent / "ray"), free_port(set())
@@ -66,7 +59,7 @@ def another_ray_on_this_machine():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not port_open(gcs_port):
+        while port_free(gcs_port):  # until its GCS listens
             assert proc.poll() is None and time.monotonic() < deadline, "the second Ray instance did not start"
             time.sleep(0.5)
         yield

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from onebase.cluster.submit import call, connect, parse_env
 from onebase.errors import ClusterError, SpecError
+from onebase.spec.load import describe, read_yaml
 
 FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 
@@ -25,13 +24,7 @@ FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
 def load_config(path: str | Path, env: list[str] | None = None) -> dict[str, Any]:
     """Read and check a Serve config with Ray's own schema; SpecError in one line when it is wrong."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"serve config not found: {path}")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SpecError(f"{path}: not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
+    config = read_yaml(path, missing=f"serve config not found: {path}")
     if not isinstance(config, dict) or not config.get("applications"):
         raise SpecError(f"{path}: a Serve config is a mapping with a non-empty applications: list")
     env_vars = parse_env(env or [])
@@ -42,8 +35,6 @@ def load_config(path: str | Path, env: list[str] | None = None) -> dict[str, Any
             runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env_vars}
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
-
-    from onebase.spec.load import describe
 
     try:
         ServeDeploySchema.model_validate(config)

@@ -15,19 +15,24 @@ from onebase.spec.schema import JobSpec
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read and validate a spec file; raise SpecError with one line on any problem."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"spec file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}") from None
+    raw = read_yaml(path, missing=f"spec file not found: {path}")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job spec is a YAML mapping")
     for item in overrides or []:
         apply_override(raw, item)
     return parse_spec(raw, source=str(path))
+
+
+def read_yaml(path: Path, missing: str) -> Any:
+    """The YAML in `path`; SpecError in one line (`missing`, or the line where parsing failed)."""
+    if not path.is_file():
+        raise SpecError(missing)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}") from None
 
 
 def spec_kind(path: str | Path) -> str:

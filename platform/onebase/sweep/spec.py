@@ -28,7 +28,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from onebase.errors import SpecError
-from onebase.spec.load import apply_override, describe, parse_spec
+from onebase.spec.load import apply_override, describe, parse_spec, read_yaml
 from onebase.spec.schema import JobSpec, Strict
 
 RANGES = {"loguniform", "uniform", "randint"}
@@ -67,9 +67,7 @@ class SweepSpec(Strict):
 def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
     """Read and check a sweep; returns it with the base job as a dict. Every trial is validated here."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"sweep file not found: {path}")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path, missing=f"sweep file not found: {path}")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep spec is a YAML mapping")
     try:
@@ -85,9 +83,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, dict[str, Any]]:
 
 
 def read_job(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SpecError(f"job: file not found: {path}")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path, missing=f"job: file not found: {path}")
     if not isinstance(raw, dict):
         raise SpecError(f"job: {path} is not a YAML mapping")
     return raw
