@@ -147,6 +147,16 @@ def test_bad_sweeps_fail_in_one_line_before_tune(tmp_path, fields, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_sweep_or_its_job_that_is_not_yaml_fails_in_one_line(tmp_path):
+    (tmp_path / "broken.yaml").write_text("name: s\nmethods: [\n")
+    with pytest.raises(SpecError, match=r"broken.yaml: not valid YAML \(line 3\)$"):
+        load_sweep(tmp_path / "broken.yaml")
+    path = write_sweep(tmp_path)
+    (tmp_path / "job.yaml").write_text("name: [\n")  # the base job it names
+    with pytest.raises(SpecError, match=r"job.yaml: not valid YAML \(line 2\)$"):
+        load_sweep(path)
+
+
 def test_a_method_that_cannot_do_the_task_is_rejected(tmp_path):
     job = tiny_spec("qa", task="extractive-qa")
     write_spec(tmp_path / "job.yaml", job)
