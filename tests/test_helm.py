@@ -4,7 +4,7 @@
   lints it and applies values.schema.json, exactly as `helm install/template/lint` would.
 - kubernetes-validate checks every built-in kind (strict: unknown fields are errors) against the
   Kubernetes KUBE_VERSION OpenAPI schemas it ships.
-- The KubeRay CRDs' openAPIV3Schema (../shared/kuberay-crds) checks the RayCluster, RayJob and
+- The KubeRay CRDs' openAPIV3Schema (vendored in tests/data/kuberay-crds) checks the RayCluster, RayJob and
   RayService with jsonschema, made strict like `kubectl apply` (unknown fields are errors) and with
   the API server's list-map rule (no two env vars / ports / volumes with the same key). Their pod
   templates are also checked against Kubernetes' own PodTemplateSpec, and their metadata against
@@ -34,7 +34,7 @@ from referencing import Registry, Resource
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "onebase"
-CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+CRD_DIR = REPO / "tests" / "data" / "kuberay-crds"
 KUBE_VERSION = "1.33.0"
 RELEASE, NAMESPACE = "onebase", "ml"
 RAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
@@ -225,7 +225,7 @@ def to_jsonschema(node):
 def crd_validators():
     if not CRD_DIR.is_dir():
         pytest.fail(f"KubeRay CRDs not found at {CRD_DIR} (expected ray.io_rayclusters.yaml, ray.io_rayjobs.yaml, "
-                    "ray.io_rayservices.yaml there: the repository's sibling folder shared/kuberay-crds)")
+                    "ray.io_rayservices.yaml there; see the README in that folder)")
     validators = {}
     for kind, plural in RAY_KINDS.items():
         path = CRD_DIR / f"ray.io_{plural}.yaml"
