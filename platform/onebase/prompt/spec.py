@@ -1,0 +1,181 @@
+"""The prompt-program spec: one YAML document describes one program on one frozen base.
+
+`kind: prompt-program` tells it apart from job and sweep specs. The `data:` block is the job
+spec's own (same loader, same split), so a program is evaluated on exactly the rows a fine-tune
+of the same task is evaluated on. Every model forbids unknown fields.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from onebase.errors import SpecError
+from onebase.spec.load import apply_override, describe, read_yaml
+from onebase.spec.schema import _NAME, DataSpec, JobSpec, Strict, TrackingSpec
+
+KIND = "prompt-program"
+QUERY_SLOT = "input"
+COT_TRIGGER = "Let's think step by step."
+
+
+class DemoSpec(Strict):
+    k: int = Field(0, ge=0, le=64)
+    selection: Literal["random", "balanced", "similar"] = "random"
+    seed: int = 0
+    order: Literal["as-drawn", "shuffled", "by-label"] = "as-drawn"
+    labels: Literal["gold", "random"] = "gold"
+    pool: int = Field(2000, gt=0, description="similar: the first `pool` training rows are candidates")
+
+
+class CalibrationSpec(Strict):
+    mode: Literal["none", "contextual"] = "none"
+    content_free: list[str] = Field(default_factory=lambda: ["N/A", "", "[MASK]"], min_length=1)
+
+
+class SelfConsistencySpec(Strict):
+    samples: int = Field(1, ge=1, le=64)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = 0
+
+
+class ExtractorSpec(Strict):
+    kind: Literal["regex", "last-number", "first-line", "label"] = "first-line"
+    pattern: str | None = Field(None, description="regex: the answer is group 1 (or the whole match)")
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> ExtractorSpec:
+        if self.kind == "regex":
+            if not self.pattern:
+                raise ValueError("kind regex needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern {self.pattern!r} does not compile: {err}") from None
+        elif self.pattern is not None:
+            raise ValueError(f"pattern is only for kind regex, not {self.kind}")
+        return self
+
+
+class ReasoningSpec(Strict):
+    mode: Literal["direct", "cot", "least-to-most"] = "direct"
+    trigger: str = COT_TRIGGER
+    answer_prompt: str = "Therefore, the answer is"
+    decompose_prompt: str = ("Break this problem into simpler sub-questions, one per line, "
+                             "each ending with a question mark.")
+    max_subquestions: int = Field(4, ge=1, le=16)
+    max_reasoning_tokens: int = Field(96, ge=1, le=2048)
+
+
+class ProgramSpec(Strict):
+    kind: Literal["prompt-program"]
+    name: str
+    base: str = Field(description="bundled name, local HF dir or hub id of a causal LM")
+    base_init: Literal["pretrained", "random"] = "pretrained"
+    base_config_overrides: dict[str, Any] = Field(default_factory=dict)
+    task: Literal["classification", "generation"]
+    labels: dict[str, list[str]] | None = Field(
+        None, description="classification: label -> verbalizer strings (null: the label itself)")
+    data: DataSpec
+    instruction: str = ""
+    system: str | None = None
+    template: str = Field("chat", description="chat, or a string with the query slot {input}")
+    demos: DemoSpec = Field(default_factory=DemoSpec)
+    scoring: Literal["loglik", "generate"] = "loglik"
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    reasoning: ReasoningSpec = Field(default_factory=ReasoningSpec)
+    self_consistency: SelfConsistencySpec = Field(default_factory=SelfConsistencySpec)
+    extractor: ExtractorSpec = Field(default_factory=ExtractorSpec)
+    max_new_tokens: int = Field(16, ge=1, le=2048)
+    batch_size: int = Field(8, gt=0)
+    workers: int = Field(1, gt=0, description="Ray actors evaluating in parallel (one model load each)")
+    cpus_per_worker: float = Field(1, gt=0)
+    search: dict[str, Any] | None = Field(None, description="APE settings for `onebase prompt search`")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)")
+        return name
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_query_slot(cls, template: str) -> str:
+        if template == "chat":
+            return template
+        try:
+            slots = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as err:
+            raise ValueError(f"not a valid format string: {err}") from None
+        if QUERY_SLOT not in slots:
+            raise ValueError("a custom template needs the query slot {input}")
+        unknown = slots - {QUERY_SLOT, "instruction"}
+        if unknown:
+            raise ValueError(f"unknown slot {{{sorted(unknown)[0]}}} (slots: {{instruction}}, {{input}})")
+        return template
+
+    @field_validator("labels")
+    @classmethod
+    def _verbalizers(cls, labels: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        if labels is None:
+            return None
+        if len(labels) < 2:
+            raise ValueError("needs at least two labels")
+        for label, words in labels.items():
+            if not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"label {label!r} has no verbalizer (give it a list of one or more strings)")
+        return labels
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ProgramSpec:
+        if self.task == "classification":
+            if not self.labels:
+                raise ValueError("labels: classification needs labels with their verbalizers")
+            if self.data.labels and set(self.data.labels) != set(self.labels):
+                raise ValueError("labels: must name the same labels as data.labels")
+        elif self.labels:
+            raise ValueError("labels: only for task classification")
+        if self.task == "generation" and self.calibration.mode != "none":
+            raise ValueError("calibration: contextual calibration is for classification")
+        if self.base_config_overrides and self.base_init == "pretrained":
+            raise ValueError("base_config_overrides changes the architecture; it needs base_init: random")
+        return self
+
+    def job_spec(self) -> JobSpec:
+        """The job spec whose data loader reads this program's rows (the same split a fine-tune gets)."""
+        task = "sequence-classification" if self.task == "classification" else "causal-lm"
+        data = self.data.model_dump()
+        if self.task == "classification" and data["labels"] is None and self.labels:
+            data["labels"] = list(self.labels)
+        raw = {"name": self.name, "task": task, "model": {"name": self.base}, "data": data}
+        if task == "causal-lm":
+            raw["prompt"] = {"instruction": self.instruction or None}
+        return JobSpec.model_validate(raw)
+
+
+def load_program_spec(path: str | Path, overrides: list[str] | None = None) -> ProgramSpec:
+    path = Path(path)
+    raw = read_yaml(path, missing=f"spec file not found: {path}")
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a program spec is a YAML mapping")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_program_spec(raw, source=str(path))
+
+
+def parse_program_spec(raw: dict[str, Any], source: str = "spec") -> ProgramSpec:
+    from pydantic import ValidationError
+
+    if raw.get("kind") != KIND:
+        raise SpecError(f"{source}: kind: must be {KIND} (got {raw.get('kind')!r})")
+    try:
+        return ProgramSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {describe(err)}") from None
