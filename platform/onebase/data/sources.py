@@ -63,8 +63,12 @@ def read_source(spec: JobSpec, source: str) -> list[dict[str, Any]]:
     if source == "bundled:chat-pairs":
         return chat_rows(spec)
     if source.startswith("bundled:"):
-        raise DataError(f"data.source: unknown bundled dataset {source!r} "
-                        "(bundled:tweet-sentiment, bundled:chat-pairs)")
+        from onebase.data.reasoning import GENERATORS, generated_rows, parse_source
+
+        if parse_source(source)[0] in GENERATORS:  # generated reasoning tasks: bundled:NAME?n=..&seed=..
+            return generated_rows(source, spec.task)
+        raise DataError(f"data.source: unknown bundled dataset {source!r} (bundled:tweet-sentiment, "
+                        f"bundled:chat-pairs, {', '.join('bundled:' + g for g in GENERATORS)})")
     path = Path(source).expanduser()
     if not path.is_file():
         raise DataError(f"data.source: file not found: {source}")
