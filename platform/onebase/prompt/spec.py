@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from onebase.errors import SpecError
 from onebase.spec.load import apply_override, describe, read_yaml
-from onebase.spec.schema import _NAME, DataSpec, JobSpec, Strict, TrackingSpec
+from onebase.spec.schema import _NAME, DataSpec, JobSpec, OutputSpec, Strict, TrackingSpec
 
 KIND = "prompt-program"
 QUERY_SLOT = "input"
@@ -97,6 +97,7 @@ class ProgramSpec(Strict):
     cpus_per_worker: float = Field(1, gt=0)
     search: dict[str, Any] | None = Field(None, description="APE settings for `onebase prompt search`")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
 
     @field_validator("name")
     @classmethod
@@ -142,8 +143,16 @@ class ProgramSpec(Strict):
                 raise ValueError("labels: must name the same labels as data.labels")
         elif self.labels:
             raise ValueError("labels: only for task classification")
-        if self.task == "generation" and self.calibration.mode != "none":
-            raise ValueError("calibration: contextual calibration is for classification")
+        if self.calibration.mode != "none" and (self.task != "classification" or self.scoring != "loglik"
+                                                 or self.reasoning.mode != "direct"):
+            raise ValueError("calibration: contextual calibration needs classification with scoring loglik "
+                             "and reasoning direct")
+        if (self.task == "classification" and self.scoring == "loglik" and self.reasoning.mode == "direct"
+                and self.self_consistency.samples > 1):
+            raise ValueError("self_consistency: sampling needs scoring generate or a reasoning mode "
+                             "(loglik scoring of a direct answer has nothing to sample)")
+        if self.reasoning.mode == "least-to-most" and self.task != "generation":
+            raise ValueError("reasoning: least-to-most is for generation tasks")
         if self.base_config_overrides and self.base_init == "pretrained":
             raise ValueError("base_config_overrides changes the architecture; it needs base_init: random")
         return self
@@ -154,7 +163,8 @@ class ProgramSpec(Strict):
         data = self.data.model_dump()
         if self.task == "classification" and data["labels"] is None and self.labels:
             data["labels"] = list(self.labels)
-        raw = {"name": self.name, "task": task, "model": {"name": self.base}, "data": data}
+        model = {"name": self.base, "init": self.base_init, "config_overrides": self.base_config_overrides}
+        raw = {"name": self.name, "task": task, "model": model, "data": data}
         if task == "causal-lm":
             raw["prompt"] = {"instruction": self.instruction or None}
         return JobSpec.model_validate(raw)
