@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
                        help="rebuild the report of an earlier sweep from its MLflow parent run; trains nothing")
     sweep.add_argument("--out", help="where --report-only writes the report (default: runs/<sweep>/<run id>)")
 
-    validate = sub.add_parser("validate", help="check a job or sweep spec without running it")
+    validate = sub.add_parser("validate", help="every check `onebase run` makes, without starting Ray or training")
     validate.add_argument("spec")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--tracking-uri", help="the MLflow tracking URI the run would use")
+    validate.add_argument("--address", help="also check that the workers fit this running Ray cluster")
 
     commands = dict(COMMANDS)
     for register in command_groups():
@@ -103,8 +105,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"scheduler {sweep.scheduler.type})")
         return 0
     spec = load_spec(args.spec, args.overrides)
+    from onebase.train.preflight import validate_job
+
+    summary = validate_job(spec, tracking_uri=args.tracking_uri, address=args.address)
     print(f"{args.spec}: ok ({spec.task}, method {spec.method.name}, {spec.scaling.num_workers} worker(s), "
-          f"ZeRO-{spec.deepspeed.stage})")
+          f"ZeRO-{spec.deepspeed.stage}; {summary})")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ def load_dataset(spec: JobSpec) -> Dataset:
     if not train or not validation:
         raise DataError(f"data.source: {spec.data.source} gives {len(train)} training and "
                         f"{len(validation)} validation rows; both must be non-empty")
+    check_not_all_empty(spec, train)
     labels = label_set(spec, train)
+    check_enough_labels(spec, labels)
     for part, part_rows in (("training", train), ("validation", validation)):
         check_labels(spec, part_rows, labels, part)
     return Dataset(train=train, validation=validation, labels=labels)
@@ -58,6 +61,8 @@ def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list,
 
 
 def read_source(spec: JobSpec, source: str) -> list[dict[str, Any]]:
+    if source in BUNDLED_COLUMNS:
+        check_bundled_columns(spec, source)
     if source == "bundled:tweet-sentiment":
         return tweet_rows(spec)
     if source == "bundled:chat-pairs":
@@ -80,20 +85,32 @@ def read_source(spec: JobSpec, source: str) -> list[dict[str, Any]]:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise DataError(f"data.source: {path} must be .csv or .jsonl")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data.source: {path} is not UTF-8 text (byte {err.start}); is it really a "
+                        f"{suffix[1:].upper()} file?") from None
+    if "\x00" in text:
+        raise DataError(f"data.source: {path} holds NUL bytes: a binary file, not {suffix[1:].upper()}")
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
-            return list(csv.DictReader(f))
-    if suffix in (".jsonl", ".json"):
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise DataError(f"data.source: {path} line {lineno} is not valid JSON") from None
-        return records
-    raise DataError(f"data.source: {path} must be .csv or .jsonl")
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as err:
+            raise DataError(f"data.source: {path} is not valid CSV ({err})") from None
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"data.source: {path} line {lineno} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise DataError(f"data.source: {path} line {lineno} is not a JSON object ({{\"column\": value, ...}})")
+        records.append(record)
+    return records
 
 
 def map_columns(spec: JobSpec, record: dict[str, Any], path: Path, row: int) -> dict[str, Any]:
@@ -132,6 +149,45 @@ def normalise(spec: JobSpec, row: dict[str, Any], where: str) -> dict[str, Any]:
         if not row.get("instruction") and not row.get("input") and not (spec.prompt and spec.prompt.instruction):
             raise DataError(f"data: {where}: no instruction or input (map a column or set prompt.instruction)")
     return row
+
+
+# What each bundled corpus holds for each task: role -> its column in the corpus.
+BUNDLED_COLUMNS = {
+    "bundled:tweet-sentiment": {"sequence-classification": {"text": "text", "label": "sentiment"},
+                                "causal-lm": {"input": "text", "response": "sentiment"}},
+    "bundled:chat-pairs": {"causal-lm": {"instruction": "instruction", "response": "response"}},
+}
+# The role whose text each task learns from: data where it is empty in every row cannot train.
+TEXT_ROLE = {"sequence-classification": "text", "token-classification": "tokens", "extractive-qa": "context",
+             "causal-lm": "response"}
+CLASSIFICATION = ("sequence-classification", "token-classification")
+
+
+def check_bundled_columns(spec: JobSpec, source: str) -> None:
+    """A bundled corpus has fixed columns: a mapping that names others would be silently ignored."""
+    have = BUNDLED_COLUMNS[source].get(spec.task)
+    if have is None:
+        return  # the loader says which tasks the corpus serves
+    for role, column in spec.data.columns.items():
+        if column not in (have.get(role), role):
+            known = ", ".join(f"{r}: {c}" for r, c in have.items())
+            raise DataError(f"data.columns.{role}: column {column!r} not in {source} (it has {known})")
+
+
+def check_not_all_empty(spec: JobSpec, rows: list[dict[str, Any]]) -> None:
+    role = TEXT_ROLE[spec.task]
+    if all(is_empty(r.get(role)) for r in rows):
+        raise DataError(f"data: column {spec.column(role)!r} ({role}) is empty in every training row")
+
+
+def is_empty(value: Any) -> bool:
+    return not value or (isinstance(value, str) and not value.strip())
+
+
+def check_enough_labels(spec: JobSpec, labels: list[str] | None) -> None:
+    if spec.task in CLASSIFICATION and labels is not None and len(labels) < 2:
+        found = f" ({labels[0]!r})" if labels else ""
+        raise DataError(f"data: the training rows have {len(labels)} label{found}; classification needs at least two")
 
 
 def label_set(spec: JobSpec, train: list[dict[str, Any]]) -> list[str] | None:

@@ -27,23 +27,40 @@ def load_tokenizer(path: str, revision: str | None = None):
     return tokenizer
 
 
-def load_model(spec: JobSpec, path: str, labels: list[str] | None, pad_token_id: int | None) -> nn.Module:
-    """The base with the task head: BERT-style heads are freshly initialised, as HF does."""
+def model_class(task: str):
     import transformers
 
-    auto = getattr(transformers, AUTO_CLASSES[spec.task])
-    head_kwargs = {}
-    if labels is not None and spec.task != "causal-lm":
-        head_kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                       "label2id": {label: i for i, label in enumerate(labels)}}
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def model_config(spec: JobSpec, path: str, labels: list[str] | None):
+    """The HF config the job's model is built from: the task head's labels, and for random init the
+    spec's config_overrides (ValueError naming a field the architecture does not have)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path, revision=spec.model.revision, **head_kwargs(spec, labels))
+    for key, value in spec.model.config_overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def head_kwargs(spec: JobSpec, labels: list[str] | None) -> dict:
+    if labels is None or spec.task == "causal-lm":
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}}
+
+
+def load_model(spec: JobSpec, path: str, labels: list[str] | None, pad_token_id: int | None) -> nn.Module:
+    """The base with the task head: BERT-style heads are freshly initialised, as HF does."""
+    auto = model_class(spec.task)
     if spec.model.init == "pretrained":
-        model = auto.from_pretrained(path, revision=spec.model.revision, dtype=torch.float32, **head_kwargs)
+        model = auto.from_pretrained(path, revision=spec.model.revision, dtype=torch.float32,
+                                     **head_kwargs(spec, labels))
     else:
-        config = transformers.AutoConfig.from_pretrained(path, revision=spec.model.revision, **head_kwargs)
-        for key, value in spec.model.config_overrides.items():
-            if not hasattr(config, key):
-                raise ValueError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
-            setattr(config, key, value)
+        config = model_config(spec, path, labels)
         torch.manual_seed(spec.train.seed)
         model = auto.from_config(config, dtype=torch.float32)
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:

@@ -28,7 +28,9 @@ def read_yaml(path: Path, missing: str) -> Any:
     if not path.is_file():
         raise SpecError(missing)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}); a spec is a YAML text file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -40,7 +42,7 @@ def spec_kind(path: str | Path) -> str:
     so that the job loader reports what is wrong with them."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return "job"
     is_sweep = isinstance(raw, dict) and "methods" in raw and ("job" in raw or "base" in raw)
     return "sweep" if is_sweep else "job"

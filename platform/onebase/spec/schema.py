@@ -48,7 +48,7 @@ class ModelSpec(Strict):
 class ValidationSpec(Strict):
     fraction: float = Field(0.1, gt=0, lt=1)
     path: str | None = None
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     max_samples: int | None = Field(None, gt=0)
 
 
@@ -92,7 +92,7 @@ class TrainSpec(Strict):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     eval_every_steps: int | None = Field(None, gt=0)
     log_every_steps: int = Field(10, gt=0)
     eval_batch_size: int = Field(64, gt=0)
@@ -156,7 +156,8 @@ class JobSpec(Strict):
     task: TaskName
     model: ModelSpec
     data: DataSpec
-    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: {"name": "full"})
+    # validate_default: a spec without `method:` gets a real MethodConfig for `full`, not a bare dict.
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: {"name": "full"}, validate_default=True)
     prompt: PromptSpec | None = None
     train: TrainSpec = Field(default_factory=TrainSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)

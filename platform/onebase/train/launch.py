@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onebase.data.sources import load_dataset
-from onebase.errors import ClusterError, OnebaseError, SpecError
+from onebase.errors import ClusterError, OnebaseError
 from onebase.methods import get_method
-from onebase.model.assets import cache_dir, check_model_available
 from onebase.spec.schema import JobSpec
 from onebase.tracking import mlflow_run, registry
+from onebase.train.ds_ops import extensions_dir, pin_ninja
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, RUN_INFO, train_loop_per_worker
+from onebase.train.preflight import check_method_base, preflight
+
+__all__ = ["check_method_base", "run_job"]  # check_method_base: sweeps check each trial with it
 
 STATE = "latest.json"
 
@@ -33,13 +35,13 @@ class RunResult:
 
 def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: bool = False,
             tracking_uri: str | None = None, echo=print) -> RunResult:
+    started = time.time()  # the worker reports how long it took from here to its first step
     uri = tracking_uri or spec.tracking.uri or mlflow_run.default_tracking_uri()
     job_dir = Path(spec.output.path).expanduser().resolve() / spec.name
     previous = read_state(job_dir) if resume else None
 
-    model_path = check_model_available(spec.model.name, spec.model.revision)
-    check_method_base(spec, model_path)
-    dataset = load_dataset(spec)
+    checked = preflight(spec, uri)
+    model_path, dataset = checked.model_path, checked.dataset
     echo(f"data: {len(dataset.train)} training / {len(dataset.validation)} validation rows"
          + (f", labels {dataset.labels}" if dataset.labels else ""))
 
@@ -51,7 +53,7 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     write_state(job_dir, {"mlflow_run_id": run_id, "ray_run_name": ray_name, "tracking_uri": uri})
     echo(f"mlflow run {run_id}" + (" (resumed)" if previous else ""))
 
-    config = worker_config(spec, model_path, dataset, uri, run_id)
+    config = {**worker_config(spec, model_path, dataset, uri, run_id), "driver_started": started}
     try:
         result = make_trainer(spec, config, job_dir, ray_name).fit()
     except Exception as err:  # Ray wraps worker errors; report the root cause in one line
@@ -69,20 +71,6 @@ def worker_config(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str
             "data_fingerprint": dataset.fingerprint(), "tracking_uri": uri, "mlflow_run_id": run_id,
             "fail_at_step": int(os.environ.get("ONEBASE_FAIL_AT_STEP", "0")) or None,
             "threads_per_worker": max(1, int(spec.scaling.resources_per_worker.get("CPU", 1)))}
-
-
-def check_method_base(spec: JobSpec, model_path: str) -> None:
-    """Methods that cannot use this base (e.g. BitFit on a bias-free Llama) fail before Ray starts."""
-    method = get_method(spec.method.name)
-    if method.check_base is None:
-        return
-    from transformers import AutoConfig
-
-    try:
-        method.check_base(AutoConfig.from_pretrained(model_path, revision=spec.model.revision),
-                          spec.task)
-    except ValueError as err:
-        raise SpecError(f"method: {err}") from None
 
 
 def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name: str, callbacks=(),
@@ -142,7 +130,7 @@ def connect_ray(address: str | None) -> None:
     env = {
         # Ray Train's default health check makes every report block ~2 s.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
+        "TORCH_EXTENSIONS_DIR": extensions_dir(),
         "TOKENIZERS_PARALLELISM": "false",
         # Sweep trials keep the user's working directory: relative data paths in a spec stay valid.
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
@@ -153,6 +141,7 @@ def connect_ray(address: str | None) -> None:
         "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning"),
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("ONEBASE_CACHE")})
+    pin_ninja()  # local workers inherit this PATH; workers on other nodes pin their own
     os.environ.update(env)  # the Train controller runs in this job's processes too
     # No address: a fresh local Ray, never whichever cluster `ray start` left on this machine.
     target = address or os.environ.get("RAY_ADDRESS") or "local"

@@ -25,6 +25,7 @@ from onebase.methods.base import trainable_parameters
 from onebase.model.build import base_fingerprint, load_model, load_tokenizer
 from onebase.spec.schema import JobSpec
 from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
+from onebase.train.ds_ops import pin_ninja
 from onebase.train.evaluate import evaluate
 
 STATE_FILE = "onebase_state.json"
@@ -35,6 +36,8 @@ PROBE_FILE = "probe.safetensors"
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
+    pin_ninja()  # before DeepSpeed loads its cached shm_comm op
+    startup = Startup(config.get("driver_started"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads_per_worker"])
@@ -46,9 +49,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fingerprint = base_fingerprint(model) if rank == 0 else ""
     model = get_method(spec.method.name).apply(model, spec.method, spec.task)
     trainable, total = trainable_parameters(model)
+    startup.mark("model")
 
     train_loader, sampler = make_loader(spec, tokenizer, dataset.train, dataset.labels, rank, world, train=True)
     eval_loader, _ = make_loader(spec, tokenizer, dataset.validation, dataset.labels, rank, world, train=False)
+    startup.mark("tokenize")
     accumulation = spec.deepspeed.gradient_accumulation_steps
     steps_per_epoch = max(1, len(train_loader) // accumulation)
     total_steps = spec.train.max_steps or math.ceil(spec.train.epochs * steps_per_epoch)
@@ -56,6 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     precision = resolve_precision(spec.deepspeed.precision, spec.scaling.use_gpu)
     engine = make_engine(spec, model, total_steps, precision)
     step = restore(engine)
+    startup.mark("engine")
     resumed = step > 0
     tracker = Tracker(config, rank) if rank == 0 else None
     if tracker and step > 0:
@@ -91,6 +97,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             step += 1
             maybe_fail(step, config, resumed)
+            if tracker and startup.pending:
+                tracker.metrics(startup.first_step(), step)
             if progress:
                 progress.update(step, window, spec.train.log_every_steps)
             if tracker and (step % spec.train.log_every_steps == 0 or step == total_steps):
@@ -236,6 +244,29 @@ def maybe_fail(step: int, config: dict[str, Any], resumed: bool) -> None:
     fail_at = config.get("fail_at_step")
     if fail_at and step == int(fail_at) and not resumed and ray.train.get_context().get_world_rank() == 0:
         raise RuntimeError(f"injected failure at step {step} (ONEBASE_FAIL_AT_STEP)")
+
+
+class Startup:
+    """Where a run's start-up time goes, from this worker's side (seconds, logged at the first step):
+    model load, tokenisation, DeepSpeed engine (process group, shm_comm op), and the whole way from the
+    driver's command to the first step."""
+
+    def __init__(self, driver_started: float | None) -> None:
+        self.driver_started, self.last, self.pending = driver_started, time.time(), True
+        self.worker_began = self.last
+        self.marks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.marks[f"startup_{phase}_s"], self.last = now - self.last, now
+
+    def first_step(self) -> dict[str, float]:
+        self.pending = False
+        now = time.time()
+        out = {**self.marks, "startup_worker_s": now - self.worker_began}
+        if self.driver_started:
+            out["startup_to_first_step_s"] = now - self.driver_started
+        return out
 
 
 class Window:

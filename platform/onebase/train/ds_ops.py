@@ -1,0 +1,51 @@
+"""DeepSpeed's JIT-built C++ ops on CPU (`shm_comm`): built once per machine, then reused by every run.
+
+`python -m onebase.train.ds_ops` builds them ahead of time (e.g. in an image), into
+$TORCH_EXTENSIONS_DIR (default `$ONEBASE_CACHE/torch_extensions`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def pin_ninja() -> None:
+    """Make torch build with the `ninja` of this Python environment, whatever PATH says.
+
+    torch runs the first `ninja` on PATH. A venv carries pip's ninja (1.13, build log v7) and the
+    system often has another (1.11, log v5); each one throws away the other's `.ninja_log`
+    ("build log version is too old; starting over") and recompiles. So the cached `shm_comm` op was
+    rebuilt (~30 s) on every run whose PATH differed from the last one's (an activated venv or not,
+    a Ray node started from the venv): the "two build hashes" that alternated. One ninja, one log.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    if not (Path(bin_dir) / "ninja").is_file():
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+
+
+def extensions_dir() -> str:
+    """Where torch keeps JIT-built ops: $TORCH_EXTENSIONS_DIR, else under onebase's cache."""
+    from onebase.model.assets import cache_dir
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_dir() / "torch_extensions")
+
+
+def build_ops() -> str:
+    """Build (or find up to date) the ops a CPU run loads; returns the extensions directory."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    pin_ninja()
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    builder = ShareMemCommBuilder()
+    if builder.is_compatible(verbose=False):
+        builder.load(verbose=False)
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+if __name__ == "__main__":
+    print(f"deepspeed ops ready in {build_ops()}")

@@ -1,0 +1,162 @@
+"""Every check a job passes before Ray starts: `onebase run` and `onebase validate` both run these.
+
+Each failure is a OnebaseError with one line naming what is wrong; nothing here starts Ray or trains.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from onebase.data.sources import Dataset, load_dataset
+from onebase.errors import SpecError
+from onebase.methods import get_method
+from onebase.model.assets import check_model_available
+from onebase.spec.schema import JobSpec
+
+# MLflow tracking stores onebase can write to: a database, a local folder, or a tracking server.
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+REACH_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Checked:
+    model_path: str
+    dataset: Dataset
+
+
+def preflight(spec: JobSpec, tracking_uri: str) -> Checked:
+    """Model, method on that model, data, tracking store, output folder: in that order."""
+    model_path = check_model_available(spec.model.name, spec.model.revision)
+    check_method_base(spec, model_path)
+    dataset = load_dataset(spec)
+    check_method_applies(spec, model_path, dataset.labels)
+    check_tracking_uri(tracking_uri)
+    check_output_writable(spec.output.path)
+    return Checked(model_path=model_path, dataset=dataset)
+
+
+def check_method_base(spec: JobSpec, model_path: str) -> None:
+    """Methods that cannot use this base (e.g. BitFit on a bias-free Llama) fail before Ray starts."""
+    method = get_method(spec.method.name)
+    if method.check_base is None:
+        return
+    from transformers import AutoConfig
+
+    try:
+        method.check_base(AutoConfig.from_pretrained(model_path, revision=spec.model.revision), spec.task)
+    except ValueError as err:
+        raise SpecError(f"method: {err}") from None
+
+
+def check_method_applies(spec: JobSpec, model_path: str, labels: list[str] | None) -> None:
+    """Apply the method to the model built on the meta device (no weights, no memory): target modules
+    that match nothing, or a config the method's library refuses, fail here, not inside a Ray worker."""
+    import torch
+
+    from onebase.model.build import model_class, model_config
+
+    try:
+        config = model_config(spec, model_path, labels)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # library deprecation chatter: not the user's problem
+            model = model_class(spec.task).from_config(config)
+            get_method(spec.method.name).apply(model, spec.method, spec.task)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        raise SpecError(f"method: {spec.method.name} cannot be applied to {spec.model.name}: "
+                        f"{lines[0] if lines else type(err).__name__}") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A scheme MLflow can track to here, and a store that answers (servers) or can be created (files)."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme in ("", "file"):
+        folder = Path(parsed.path if scheme else uri).expanduser()
+        check_writable(folder if folder.exists() else nearest_existing(folder), f"tracking.uri {uri}")
+    elif scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///")).expanduser()  # sqlite:////abs.db or sqlite:///relative.db
+        check_writable(nearest_existing(db.parent), f"tracking.uri {uri}")
+    elif scheme in ("http", "https"):
+        check_reachable(uri)
+    elif scheme not in DB_SCHEMES and scheme != "databricks":
+        raise SpecError(f"tracking.uri: unsupported scheme {parsed.scheme!r} in {uri} "
+                        "(sqlite:///path.db, a folder, http(s)://server, or a database URI)")
+
+
+def check_reachable(uri: str) -> None:
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=REACH_TIMEOUT_S) as response:
+            response.read(64)
+    except urllib.error.HTTPError:
+        return  # it answered: a server behind a proxy may not expose /health
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise SpecError(f"tracking.uri: cannot reach the MLflow server at {uri} ({reason})") from None
+
+
+def check_output_writable(path: str) -> None:
+    folder = Path(path).expanduser()
+    check_writable(folder if folder.is_dir() else nearest_existing(folder), "output.path")
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(folder: Path, field: str) -> None:
+    """Create and remove a scratch file: permissions, read-only mounts and full disks all show up."""
+    if not folder.is_dir():
+        raise SpecError(f"{field}: {folder} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".onebase-write-check-"):
+            pass
+    except OSError as err:
+        raise SpecError(f"{field}: cannot write to {folder} ({err.strerror or err})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"{field}: cannot write to {folder} (permission denied)")
+
+
+def validate_job(spec: JobSpec, tracking_uri: str | None = None, address: str | None = None) -> str:
+    """`onebase validate`: the same checks as `onebase run`; with an address, also whether the
+    workers fit that running cluster (Ray is asked, never started). Returns a one-line summary."""
+    from onebase.tracking.mlflow_run import default_tracking_uri
+
+    checked = preflight(spec, tracking_uri or spec.tracking.uri or default_tracking_uri())
+    summary = f"{len(checked.dataset.train)} training / {len(checked.dataset.validation)} validation rows"
+    if address:
+        summary += f"; fits {address}"
+        check_fits_cluster(spec, address)
+    return summary
+
+
+def check_fits_cluster(spec: JobSpec, address: str) -> None:
+    import ray
+
+    from onebase.errors import ClusterError
+    from onebase.train.launch import check_resources
+
+    if address == "local":
+        raise SpecError("--address: give a running cluster's address (validate never starts Ray)")
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({err})") from None
+    try:
+        check_resources(spec)
+    finally:
+        ray.shutdown()
