@@ -147,9 +147,6 @@ def evaluate_on(workers: Workers, prepared: Prepared, program: Program) -> tuple
 
 def evaluate_program(spec: ProgramSpec, spec_text: str, address: str | None = None, tracking_uri: str | None = None,
                      echo=print, instruction: str | None = None, register: bool = True) -> EvalResult:
-    from onebase.prompt import tracking
-    from onebase.prompt.artifact import save_program
-    from onebase.tracking import mlflow_run
     from onebase.train.launch import connect_ray
 
     prepared = prepare(spec)
@@ -157,7 +154,6 @@ def evaluate_program(spec: ProgramSpec, spec_text: str, address: str | None = No
     echo(f"data: {len(dataset.train)} training / {len(dataset.validation)} evaluation rows"
          + (f", labels {dataset.labels}" if dataset.labels else ""))
     connect_ray(address)
-    uri = tracking_uri or spec.tracking.uri or mlflow_run.default_tracking_uri()
     workers = Workers(spec, prepared.model_path)
     try:
         started = time.perf_counter()
@@ -167,10 +163,25 @@ def evaluate_program(spec: ProgramSpec, spec_text: str, address: str | None = No
         metrics["wall_seconds"] = time.perf_counter() - started
     finally:
         workers.close()
+    return record(prepared, spec_text, program, metrics, predictions, tracking_uri=tracking_uri, register=register)
+
+
+def record(prepared: Prepared, spec_text: str, program: Program, metrics: dict[str, float],
+           predictions: list[dict[str, Any]], tracking_uri: str | None = None, register: bool = True,
+           report: dict[str, Any] | None = None) -> EvalResult:
+    """Save the program under output.path/<name>/program, log the MLflow run, register a version."""
+    from onebase.prompt import tracking
+    from onebase.prompt.artifact import save_program
+    from onebase.tracking import mlflow_run
+
+    spec = prepared.spec
+    uri = tracking_uri or spec.tracking.uri or mlflow_run.default_tracking_uri()
     export_dir = save_program(program, Path(spec.output.path).expanduser().resolve() / spec.name / "program",
                               metrics)
     run_id = tracking.start(uri, spec, spec_text)
-    report = {"metrics": metrics, "predictions": [{**p, "gold": g} for p, g in zip(predictions, prepared.golds)]}
-    registered = tracking.finish(uri, run_id, spec, program, export_dir, metrics, report, dataset.fingerprint(),
-                                 register=register)
-    return EvalResult(program, metrics, predictions, export_dir, run_id, mlflow_run.run_url(uri, run_id), registered)
+    full = {**(report or {}), "metrics": metrics,
+            "predictions": [{**p, "gold": g} for p, g in zip(predictions, prepared.golds)]}
+    registered = tracking.finish(uri, run_id, spec, program, export_dir, metrics, full,
+                                 prepared.dataset.fingerprint(), register=register)
+    return EvalResult(program, metrics, predictions, export_dir, run_id, mlflow_run.run_url(uri, run_id), registered,
+                      extra=report or {})

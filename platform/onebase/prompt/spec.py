@@ -72,6 +72,20 @@ class ReasoningSpec(Strict):
     max_reasoning_tokens: int = Field(96, ge=1, le=2048)
 
 
+class SearchSpec(Strict):
+    """Automatic prompt engineering (Zhou et al. 2022), for `onebase prompt search`."""
+
+    candidates: int = Field(8, ge=1, le=200, description="instructions proposed from demo subsets")
+    demos_per_proposal: int = Field(5, ge=1, le=32)
+    dev_rows: int = Field(40, ge=2, description="a slice of the training split that scores candidates")
+    top: int = Field(3, ge=1, description="best candidates resampled into variations")
+    variations: int = Field(2, ge=0, le=20, description="variations per top candidate")
+    report_top: int = Field(5, ge=1, description="found instructions also scored on the evaluation rows")
+    temperature: float = Field(0.9, gt=0)
+    max_new_tokens: int = Field(32, ge=4, le=256)
+    seed: int = 0
+
+
 class ProgramSpec(Strict):
     kind: Literal["prompt-program"]
     name: str
@@ -95,7 +109,7 @@ class ProgramSpec(Strict):
     batch_size: int = Field(8, gt=0)
     workers: int = Field(1, gt=0, description="Ray actors evaluating in parallel (one model load each)")
     cpus_per_worker: float = Field(1, gt=0)
-    search: dict[str, Any] | None = Field(None, description="APE settings for `onebase prompt search`")
+    search: SearchSpec = Field(default_factory=SearchSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
