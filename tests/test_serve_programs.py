@@ -167,13 +167,14 @@ def test_generation_program_answers_the_openai_client_like_a_fresh_runner(server
     model, tokenizer = fresh_base(base)
     program = load_program(server["generation"])
     expected = ProgramRunner(model, tokenizer, program, cache_prefix=False).generate(ROWS[:2])
-    chat = [client.chat.completions.create(model="echo-prompt", messages=[{"role": "user", "content": text}])
-            .choices[0].message.content for text in ROWS[:2]]
+    # The program's own decoding applies; max_tokens only has to pass the endpoint's limit.
+    chat = [client.chat.completions.create(model="echo-prompt", messages=[{"role": "user", "content": text}],
+                                           max_tokens=16).choices[0].message.content for text in ROWS[:2]]
     assert chat == expected
-    completion = client.completions.create(model="echo-prompt", prompt=ROWS[0])
+    completion = client.completions.create(model="echo-prompt", prompt=ROWS[0], max_tokens=16)
     assert completion.choices[0].text == expected[0] and completion.usage.prompt_tokens > 10  # demos counted
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="echo-prompt", messages=[{"role": "user", "content": ROWS[0]}], stream=True))
+        model="echo-prompt", messages=[{"role": "user", "content": ROWS[0]}], max_tokens=16, stream=True))
     assert streamed == expected[0]
     # The bare base and the adapter answer on the same replica meanwhile.
     bare = client.completions.create(model="tiny-llama", prompt="Hello there", max_tokens=4, temperature=0)
@@ -208,4 +209,4 @@ def test_models_lists_programs_with_their_kind_and_bad_calls_get_one_line_4xx(se
     assert "elsewhere" not in listed
     if "sentiment-prompt" in listed:  # loaded by the registry test
         assert "classification program" in refused("/v1/chat/completions", {
-            "model": "sentiment-prompt", "messages": [{"role": "user", "content": "hi"}]})
+            "model": "sentiment-prompt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})

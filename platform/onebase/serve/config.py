@@ -34,6 +34,8 @@ class AdapterRef(Strict):
     id: str
     source: str
     base: str | None = None
+    prefix_cache: bool = Field(True, description="prompt programs: keep the demo prefix's KV cache on the replica "
+                                                 "(false recomputes it per request, for comparison)")
 
 
 class AuthSpec(Strict):

@@ -17,7 +17,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from onebase.serve.artifacts import AdapterError, check_id, fetch, inspect, resolve_registry
+from onebase.serve import programs
+from onebase.serve.artifacts import AdapterError, check_id, fetch, resolve_registry
 from onebase.serve.catalog import ADAPTER
 from onebase.serve.config import AdapterRef, ServeArgs
 from onebase.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest, LoadRequest, PromoteRequest, Sampling
@@ -99,10 +100,11 @@ class Gateway:
         if ref.id in self.bases:
             raise AdapterError(f"adapter id {ref.id!r} is the name of a served base")
         resolved = await asyncio.to_thread(self._resolve_source, ref.source)
-        info = await asyncio.to_thread(lambda: inspect(fetch(resolved, self.args.tracking_uri)))
+        info = await asyncio.to_thread(lambda: programs.inspect_source(fetch(resolved, self.args.tracking_uri)))
         base = self._pick_base(ref, info)
         entry = {"id": ref.id, "kind": ADAPTER, "source": ref.source, "resolved_source": resolved, "base": base,
-                 "method": info.method, "task": info.task, "labels": info.labels, "bytes": info.nbytes}
+                 "method": info.method, "task": info.task, "labels": info.labels, "bytes": info.nbytes,
+                 **programs.entry_fields(info, ref.prefix_cache)}
         rev = await self.catalog.stage.remote(entry)
         key = f"{ref.id}#{rev}"
         report = await self.servers[base].options(multiplexed_model_id=key).warm.remote()
@@ -156,7 +158,7 @@ class Gateway:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "onebase", "kind": "base",
                  "task": b["task"], "base": name} for name, b in self.bases.items()]
         data += [{"id": e["id"], "object": "model", "created": e["loaded_at"], "owned_by": "onebase",
-                  "kind": "adapter", "task": e["task"], "method": e["method"], "base": e["base"]}
+                  "kind": e.get("kind", ADAPTER), "task": e["task"], "method": e["method"], "base": e["base"]}
                  for e in listing["adapters"]]
         return {"object": "list", "data": data}
 
@@ -264,7 +266,8 @@ class Gateway:
         self.check_admin(request)
         await self.ready()
         try:
-            return await self.load_adapter(AdapterRef(id=body.id, source=body.source, base=body.base))
+            return await self.load_adapter(AdapterRef(id=body.id, source=body.source, base=body.base,
+                                                      prefix_cache=body.prefix_cache))
         except AdapterError as err:
             raise HTTPException(400, str(err)) from None
 

@@ -107,8 +107,11 @@ def _check_length(server, program_id: str, texts: list[str]) -> None:
             raise AdapterError(f"input is {count} tokens; the limit is {limit}")
 
 
-async def classify(server, loaded: ProgramLoaded, texts: list[str]) -> dict[str, Any]:
+async def classify(server, loaded: ProgramLoaded, texts: list[str],
+                   task: str = "sequence-classification") -> dict[str, Any]:
     program = loaded.program.program
+    if task != "sequence-classification":
+        raise AdapterError(f"model {loaded.id} is a prompt program; it does not answer {task} requests")
     if not program.is_classification:
         raise AdapterError(f"model {loaded.id} is a generation program; it does not classify "
                            "(use /v1/completions or /v1/chat/completions)")

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray import serve
 
+from onebase.serve import programs
 from onebase.serve.artifacts import AdapterError, fetch, inspect
 from onebase.serve.catalog import ADAPTER
 from onebase.serve.config import BaseSpec, LimitSpec
@@ -54,7 +55,8 @@ async def _load_adapter(server: BaseServer, entry: dict[str, Any]):
 
 # What runs a request for an entry of each kind: a loader that puts the entry on this replica's
 # engine and returns its `Loaded`. A new kind of catalog entry registers its loader here.
-LOADERS: dict[str, Callable[[BaseServer, dict[str, Any]], Awaitable[Any]]] = {ADAPTER: _load_adapter}
+LOADERS: dict[str, Callable[[BaseServer, dict[str, Any]], Awaitable[Any]]] = {ADAPTER: _load_adapter,
+                                                                               programs.PROGRAM: programs.load}
 
 
 class BaseServer:

@@ -39,6 +39,7 @@ class LoadRequest(BaseModel):
     id: str
     source: str
     base: str | None = None
+    prefix_cache: bool = True  # prompt programs: false recomputes the demo prefix per request
 
 
 class PromoteRequest(BaseModel):
