@@ -44,8 +44,9 @@ class PrefixLM:
         return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1).contiguous(),
                                              v.expand(batch, -1, -1, -1).contiguous()) for k, v in self._kv])
 
-    def forward(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
-        """Logits over the rows' own positions [B, W, V], the full attention mask, the cache, positions."""
+    def forward(self, rows: list[list[int]], keep: int = 1) -> tuple[torch.Tensor, torch.Tensor, object, torch.Tensor]:
+        """Logits over the rows' last `keep` positions [B, keep, V], the full attention mask, the cache and
+        the last position ids. Only the kept positions go through the LM head (a vocabulary-wide matmul)."""
         batch, width, plen = len(rows), max(len(r) for r in rows), self.prefix_len
         ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         own = torch.zeros((batch, width), dtype=torch.long)
@@ -58,25 +59,24 @@ class PrefixLM:
         with torch.no_grad():
             if self.cached:
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[:, plen:],
-                                 past_key_values=self._cache(batch), use_cache=True)
-                logits = out.logits
+                                 past_key_values=self._cache(batch), use_cache=True, logits_to_keep=keep)
             else:
                 full = torch.cat([self.prefix.expand(batch, -1), ids], dim=1)
-                out = self.model(input_ids=full, attention_mask=mask, position_ids=positions, use_cache=True)
-                logits = out.logits[:, plen:]
-        return logits, mask, out.past_key_values, positions[:, -1]
+                out = self.model(input_ids=full, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 logits_to_keep=keep)
+        return out.logits, mask, out.past_key_values, positions[:, -1]
 
     def loglik(self, rows: list[list[int]], conts: list[list[int]], batch_size: int = 16) -> list[float]:
         """Sum log p(cont | prefix + row) for each pair, the lm-evaluation-harness way."""
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
             chunk = list(zip(rows[start: start + batch_size], conts[start: start + batch_size]))
-            logits, _, _, _ = self.forward([r + c for r, c in chunk])
+            keep = max(len(c) for _, c in chunk) + 1
+            logits, _, _, _ = self.forward([r + c for r, c in chunk], keep=keep)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-            width = logits.shape[1]
             for i, (_, cont) in enumerate(chunk):
                 # Rows are left-padded: the continuation is the last len(cont) tokens of every row.
-                at = torch.arange(width - len(cont) - 1, width - 1)
+                at = torch.arange(keep - len(cont) - 1, keep - 1)
                 scores.append(float(logprobs[i, at, torch.tensor(cont)].sum()))
         return scores
 
@@ -116,7 +116,8 @@ class PrefixLM:
         for i, row in enumerate(rows):
             ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
         with torch.no_grad():
-            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                logits_to_keep=1).hidden_states[-1]
         summed = (hidden * mask[..., None]).sum(1)
         return summed / mask.sum(1, keepdim=True).clamp(min=1)
 

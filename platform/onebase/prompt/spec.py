@@ -175,8 +175,6 @@ class ProgramSpec(Strict):
         """The job spec whose data loader reads this program's rows (the same split a fine-tune gets)."""
         task = "sequence-classification" if self.task == "classification" else "causal-lm"
         data = self.data.model_dump()
-        if self.task == "classification" and data["labels"] is None and self.labels:
-            data["labels"] = list(self.labels)
         model = {"name": self.base, "init": self.base_init, "config_overrides": self.base_config_overrides}
         raw = {"name": self.name, "task": task, "model": model, "data": data}
         if task == "causal-lm":
