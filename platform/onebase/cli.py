@@ -95,6 +95,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from onebase.spec import load_spec, spec_kind
 
+    if spec_kind(args.spec) == "prompt-program":  # the same checks as `onebase prompt validate`
+        from onebase.prompt.cli import validate_program
+
+        return validate_program(args.spec, args.overrides)
     if spec_kind(args.spec) == "sweep":
         from onebase.sweep.spec import draw_trials, load_sweep
 

@@ -27,14 +27,9 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
     from onebase.prompt.spec import load_program_spec
 
-    spec = load_program_spec(args.spec, args.overrides)  # one-line errors before anything runs
     if args.verb == "validate":
-        from onebase.prompt.evaluate import prepare
-
-        prepared = prepare(spec)
-        print(f"{args.spec}: ok ({spec.task}, {spec.demos.k}-shot {spec.demos.selection}, {spec.reasoning.mode}, "
-              f"{len(prepared.queries)} evaluation rows)")
-        return 0
+        return validate_program(args.spec, args.overrides)
+    spec = load_program_spec(args.spec, args.overrides)  # one-line errors before anything runs
     text = Path(args.spec).read_text()
     if args.verb == "search":
         from onebase.prompt.search import print_report, search_program
@@ -52,4 +47,16 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     print(f"mlflow run: {result.run_url}")
     if result.registered:
         print(f"registered: {result.registered}")
+    return 0
+
+
+def validate_program(path: str, overrides: list[str]) -> int:
+    """Every check `onebase prompt eval` makes before Ray starts (also `onebase validate` on a program)."""
+    from onebase.prompt.evaluate import prepare
+    from onebase.prompt.spec import load_program_spec
+
+    spec = load_program_spec(path, overrides)
+    prepared = prepare(spec)
+    print(f"{path}: ok ({spec.task}, {spec.demos.k}-shot {spec.demos.selection}, {spec.reasoning.mode}, "
+          f"{len(prepared.queries)} evaluation rows)")
     return 0

@@ -44,6 +44,8 @@ def spec_kind(path: str | Path) -> str:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return "job"
+    if isinstance(raw, dict) and raw.get("kind") == "prompt-program":  # onebase.prompt.spec
+        return "prompt-program"
     is_sweep = isinstance(raw, dict) and "methods" in raw and ("job" in raw or "base" in raw)
     return "sweep" if is_sweep else "job"
 
