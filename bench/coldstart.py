@@ -82,7 +82,8 @@ def main() -> None:
     cache = Path(os.environ.get("ONEBASE_CACHE", REPO / ".onebase" / "cache"))
     base = {**os.environ, "ONEBASE_CACHE": str(cache), "RAY_TMPDIR": str(work / "ray"),
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache / "torch_extensions")),
-            "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+            "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}  # a pipe would otherwise hold lines back and skew the timestamps
     venv_bin = str(Path(sys.executable).parent)
     plain_path = os.pathsep.join(p for p in base["PATH"].split(os.pathsep) if p != venv_bin)
     variants = {"venv-first": f"{venv_bin}{os.pathsep}{plain_path}", "system-first": plain_path}

@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import TINY_LLAMA, tiny_spec
+from conftest import TINY_BERT, TINY_LLAMA, tiny_spec
 from onebase.errors import ClusterError, OnebaseError
 from onebase.spec import parse_spec
 from onebase.train.launch import run_job
@@ -56,11 +56,18 @@ def test_full_finetune_zero2_two_workers_loss_down_and_registered(ray_cluster, w
     assert {"accuracy", "macro_f1", "eval_loss"} <= set(result.metrics)
 
 
-def test_lora_zero3_two_workers_exports_a_plain_peft_adapter(ray_cluster, workspace):
+def test_lora_zero3_two_workers_exports_a_plain_peft_adapter(ray_cluster, workspace, capsys):
     spec = tiny_spec("tiny-lora-zero3", deepspeed={"stage": 3},
                      method={"name": "lora", "r": 4, "target_modules": ["query", "value"]},
                      train={"epochs": 2, "learning_rate": 5e-3, "eval_every_steps": 4})
     result = train(spec)
+    # The driver's console, fed by rank 0 (not a terminal here: plain lines every log_every_steps).
+    console = capsys.readouterr().out.splitlines()
+    steps = [line for line in console if line.startswith("[onebase] step ")]
+    assert steps[0].startswith("[onebase] step 2/12 ") and steps[-1].startswith("[onebase] step 12/12 (100%)")
+    assert any(line.startswith("[onebase] eval at step 4: eval_loss ") for line in console)
+    assert any(line.startswith("[onebase] final eval at step 12: ") for line in console)
+    assert any(line.startswith("mlflow run: ") and result.run_id in line for line in console)
     adapter = load_file(result.export_dir / "adapter_model.safetensors")
     assert adapter and all(t.numel() > 0 for t in adapter.values())  # ZeRO-3 did not save empty tensors
     assert any("lora_B" in k and t.abs().sum() > 0 for k, t in adapter.items())  # B starts at 0: it trained
@@ -118,3 +125,71 @@ def test_impossible_resources_fail_fast(ray_cluster, workspace):
     gpu = tiny_spec("no-gpu", scaling={"num_workers": 1, "use_gpu": True})
     with pytest.raises(ClusterError, match="GPU"):
         train(gpu)
+
+
+def test_console_draws_what_rank_0_sends(ray_cluster):
+    """A bar on a terminal, plain lines elsewhere; evaluation results as they come, in both."""
+    import io
+
+    from onebase.train.console import Console, ProgressBoard
+
+    for live in (False, True):
+        board, out = ProgressBoard.remote(), io.StringIO()
+        with Console(board, log_every=2, out=out, live=live):
+            for step in range(1, 5):
+                board.push.remote({"kind": "step", "step": step, "total": 4, "loss": 1.0 / step, "lr": 1e-3,
+                                   "tokens_per_s": 1000.0, "samples_per_s": 10.0})
+            board.push.remote({"kind": "eval", "step": 4, "metrics": {"accuracy": 0.75}, "final": True})
+        text = out.getvalue()
+        assert "[onebase] final eval at step 4: accuracy 0.75" in text
+        if live:
+            assert "4/4" in text and "loss 0.2500" in text and "\r" in text  # tqdm redraws one line
+        else:
+            assert [line.split(" |")[0] for line in text.splitlines()[:2]] == ["[onebase] step 2/4 ( 50%)",
+                                                                             "[onebase] step 4/4 (100%)"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(workspace):
+    """A tiny BERT saved as a pretrained model (head included, no dropout): every weight comes from disk,
+    so two runs differ only in how they were partitioned."""
+    import transformers
+
+    from onebase.model.assets import resolve_model
+
+    path = workspace / "tiny-bert-pretrained"
+    config = transformers.AutoConfig.from_pretrained(
+        resolve_model("minilm"), **TINY_BERT["config_overrides"], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
+        id2label={0: "negative", 1: "neutral", 2: "positive"}, label2id={"negative": 0, "neutral": 1, "positive": 2})
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_zero3_partitioned_loading_with_offload_matches_zero0(ray_cluster, workspace, tiny_pretrained):
+    """ZeRO-3 builds the model inside deepspeed.zero.Init (each of 2 workers holds half of it), with
+    parameters and optimizer offloaded to CPU, and trains to the export ZeRO-0 gets from the same
+    weights and seed."""
+    runs = {}
+    for stage, offload in ((0, False), (3, True)):
+        spec = tiny_spec(f"tiny-load-z{stage}", train={"max_steps": 4, "log_every_steps": 1},
+                         deepspeed={"stage": stage, "offload_param": offload, "offload_optimizer": offload})
+        spec["model"] = {"name": str(tiny_pretrained), "init": "pretrained"}
+        runs[stage] = train(spec)
+    client = MlflowClient()
+    params = {s: client.get_run(r.run_id).data.params for s, r in runs.items()}
+    assert params[3]["partitioned_loading"] == "True" and params[0]["partitioned_loading"] == "False"
+    held = {s: client.get_metric_history(r.run_id, "loaded_param_mb_per_worker")[0].value for s, r in runs.items()}
+    assert held[3] < 0.6 * held[0]  # each of the 2 workers loaded about half
+    losses = {s: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
+              for s, r in runs.items()}
+    assert losses[3] == pytest.approx(losses[0], abs=1e-5)  # the first step's loss included
+    assert runs[3].info["base_fingerprint"] == runs[0].info["base_fingerprint"]
+    exported = {s: load_file(r.export_dir / "model.safetensors") for s, r in runs.items()}
+    assert exported[3].keys() == exported[0].keys()
+    assert max(float((exported[3][k] - exported[0][k]).abs().max()) for k in exported[0]) < 1e-5
+    assert any(float((exported[0][k] - t).abs().max()) > 1e-4 for k, t in load_file(
+        tiny_pretrained / "model.safetensors").items() if k in exported[0])  # it did train

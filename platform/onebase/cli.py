@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, else ./mlflow.db)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec field, e.g. --set train.max_steps=20")
+    run.add_argument("--verbose", action="store_true", help="also show Ray's, DeepSpeed's and the workers' logs")
 
     sweep = sub.add_parser("sweep", help="Ray Tune over tuning methods; a report per method at the end")
     sweep.add_argument("spec", help="sweep spec YAML")
@@ -57,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from onebase.train.launch import print_summary, run_job
 
     result = run_job(spec, Path(args.spec).read_text(), address=args.address, resume=args.resume,
-                     tracking_uri=args.tracking_uri)
+                     tracking_uri=args.tracking_uri, verbose=args.verbose)
     print_summary(result)
     return 0
 

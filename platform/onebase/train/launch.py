@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from onebase.errors import ClusterError, OnebaseError
 from onebase.methods import get_method
 from onebase.spec.schema import JobSpec
 from onebase.tracking import mlflow_run, registry
+from onebase.train.console import Console, ProgressBoard
 from onebase.train.ds_ops import extensions_dir, pin_ninja
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, RUN_INFO, train_loop_per_worker
 from onebase.train.preflight import check_method_base, preflight
@@ -21,6 +23,7 @@ from onebase.train.preflight import check_method_base, preflight
 __all__ = ["check_method_base", "run_job"]  # check_method_base: sweeps check each trial with it
 
 STATE = "latest.json"
+DASHBOARD_URL: str | None = None  # of the Ray this process connected to
 
 
 @dataclass
@@ -34,7 +37,9 @@ class RunResult:
 
 
 def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: bool = False,
-            tracking_uri: str | None = None, echo=print) -> RunResult:
+            tracking_uri: str | None = None, echo=print, verbose: bool = False, progress: bool = True) -> RunResult:
+    """`verbose`: Ray's, DeepSpeed's and the workers' own log lines on the console too;
+    `progress`: the live progress bar / lines (see train/console.py)."""
     started = time.time()  # the worker reports how long it took from here to its first step
     uri = tracking_uri or spec.tracking.uri or mlflow_run.default_tracking_uri()
     job_dir = Path(spec.output.path).expanduser().resolve() / spec.name
@@ -45,21 +50,27 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     echo(f"data: {len(dataset.train)} training / {len(dataset.validation)} validation rows"
          + (f", labels {dataset.labels}" if dataset.labels else ""))
 
-    connect_ray(address)
+    dashboard = connect_ray(address, quiet=not verbose)
     check_resources(spec)
 
     run_id = previous["mlflow_run_id"] if previous else mlflow_run.start_run(uri, spec, spec_text)
     ray_name = previous["ray_run_name"] if previous else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     write_state(job_dir, {"mlflow_run_id": run_id, "ray_run_name": ray_name, "tracking_uri": uri})
-    echo(f"mlflow run {run_id}" + (" (resumed)" if previous else ""))
+    if dashboard:
+        echo(f"ray dashboard: {dashboard}")
+    echo(f"mlflow run: {mlflow_run.run_url(uri, run_id)}" + (" (resumed)" if previous else ""))
 
-    config = {**worker_config(spec, model_path, dataset, uri, run_id), "driver_started": started}
+    board = ProgressBoard.remote() if progress else None
+    config = {**worker_config(spec, model_path, dataset, uri, run_id), "driver_started": started,
+              "progress_board": board}
     try:
-        result = make_trainer(spec, config, job_dir, ray_name).fit()
+        with Console(board, spec.train.log_every_steps) if board else contextlib.nullcontext():
+            result = make_trainer(spec, config, job_dir, ray_name).fit()
     except Exception as err:  # Ray wraps worker errors; report the root cause in one line
         reason = root_cause(err)
         mlflow_run.fail_run(uri, run_id, reason)
-        raise OnebaseError(f"training failed: {reason}") from err
+        hint = "" if verbose else " (--verbose shows the workers' logs)"
+        raise OnebaseError(f"training failed: {reason}{hint}") from err
     return collect(spec, uri, run_id, result, job_dir)
 
 
@@ -122,11 +133,16 @@ def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, registe
                      export_dir=export_dir, registered=registered, info=info)
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, quiet: bool = False) -> str | None:
+    """Join `address` or start a fresh local Ray; returns its dashboard URL (None when it has none).
+
+    `quiet`: workers' output stays in Ray's log files and only errors of Ray's own are shown, so the
+    console holds the progress bar and results (`onebase run` without --verbose)."""
     import ray
 
+    global DASHBOARD_URL
     if ray.is_initialized():
-        return
+        return DASHBOARD_URL
     env = {
         # Ray Train's default health check makes every report block ~2 s.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
@@ -146,11 +162,24 @@ def connect_ray(address: str | None) -> None:
     # No address: a fresh local Ray, never whichever cluster `ray start` left on this machine.
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     init_args, state_api = pin_state_api(target)
+    if quiet:
+        quiet_driver_loggers()
     try:
-        ray.init(address=target, runtime_env={"env_vars": {**env, **state_api}}, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING", **init_args)
+        context = ray.init(address=target, runtime_env={"env_vars": {**env, **state_api}}, log_to_driver=not quiet,
+                           configure_logging=True, logging_level="ERROR" if quiet else "WARNING", **init_args)
     except ConnectionError as err:
         raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({root_cause(err)})") from None
+    url = getattr(context, "dashboard_url", None)
+    DASHBOARD_URL = (url if "://" in url else f"http://{url}") if url else None
+    return DASHBOARD_URL
+
+
+def quiet_driver_loggers() -> None:
+    """MLflow's store set-up and Ray Train's driver-side INFO lines: kept for --verbose."""
+    import logging
+
+    for name in ("mlflow", "alembic", "ray", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def pin_state_api(address: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -229,6 +258,5 @@ def print_summary(result: RunResult, out=sys.stdout) -> None:
     print(f"trainable params: {info['trainable_params']:,} / {info['total_params']:,} "
           f"({100 * info['trainable_params'] / max(info['total_params'], 1):.2f}%)", file=out)
     print(f"export: {result.export_dir}", file=out)
-    print(f"mlflow run: {result.run_url}", file=out)
     if result.registered:
         print(f"registered: {result.registered}", file=out)

@@ -22,11 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from onebase.data.prepare import collate, tokenize
 from onebase.methods import get_method
 from onebase.methods.base import trainable_parameters
-from onebase.model.build import base_fingerprint, load_model, load_tokenizer
+from onebase.model.build import load_model, load_tokenizer
 from onebase.spec.schema import JobSpec
+from onebase.train import zero3
+from onebase.train.console import Reporter
 from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
 from onebase.train.ds_ops import pin_ninja
 from onebase.train.evaluate import evaluate
+from onebase.train.zero3 import partitioned_loading, resident_param_bytes
 
 STATE_FILE = "onebase_state.json"
 EXPORT_DIR = "export"
@@ -44,9 +47,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
     dataset = ray.get(config["data_ref"])
 
+    precision = resolve_precision(spec.deepspeed.precision, spec.scaling.use_gpu)
+    ds_config = deepspeed_config(spec, precision)
+    # ZeRO-3: pretrained models are created partitioned (zero.Init); this must stay referenced while it is
+    # built. Random init (smoke tests) stays whole, so the same seed rebuilds the same base on reload.
+    partitioning = partitioned_loading(ds_config) if spec.model.init == "pretrained" else None
     tokenizer = load_tokenizer(config["model_path"], spec.model.revision)
     model = load_model(spec, config["model_path"], dataset.labels, tokenizer.pad_token_id)
-    fingerprint = base_fingerprint(model) if rank == 0 else ""
+    if partitioning is not None:
+        zero3.keep_used_conversions(model)
+    param_bytes = resident_param_bytes(model)
+    base_print = zero3.fingerprint(model, rank)  # every rank: gathering is a collective under ZeRO-3
     model = get_method(spec.method.name).apply(model, spec.method, spec.task)
     trainable, total = trainable_parameters(model)
     startup.mark("model")
@@ -58,8 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = max(1, len(train_loader) // accumulation)
     total_steps = spec.train.max_steps or math.ceil(spec.train.epochs * steps_per_epoch)
 
-    precision = resolve_precision(spec.deepspeed.precision, spec.scaling.use_gpu)
-    engine = make_engine(spec, model, total_steps, precision)
+    engine = make_engine(spec, model, total_steps, ds_config)
     step = restore(engine)
     startup.mark("engine")
     resumed = step > 0
@@ -68,9 +78,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.metrics({"resumed_from_step": step}, step)
     if tracker and step == 0:
         tracker.params({"trainable_params": trainable, "total_params": total, "precision": precision,
-                        "world_size": world, "total_steps": total_steps})
+                        "world_size": world, "total_steps": total_steps,
+                        "partitioned_loading": partitioning is not None})
+        # What this worker held right after loading: its shard under ZeRO-3, the whole model otherwise.
+        tracker.metrics({"loaded_param_mb_per_worker": param_bytes / 2**20}, 0)
     num_labels = len(dataset.labels) if dataset.labels else None
-    progress = Progress(total_steps, step) if rank == 0 else None
+    board = config.get("progress_board")  # the driver's console; absent in sweep trials
+    reporter = Reporter(board, total_steps, spec.train.log_every_steps) if rank == 0 and board else None
 
     window = Window()
     train_seconds, train_samples, train_tokens = 0.0, 0, 0
@@ -91,6 +105,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - started
             samples, tokens = batch["input_ids"].shape[0] * world, int(batch["attention_mask"].sum()) * world
             window.add(loss.detach().item(), samples, tokens, elapsed)
+            if reporter:
+                reporter.add(window.losses[-1], samples, tokens, elapsed)
             train_seconds, train_samples, train_tokens = (train_seconds + elapsed, train_samples + samples,
                                                           train_tokens + tokens)
             if not engine.is_gradient_accumulation_boundary():
@@ -99,8 +115,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             maybe_fail(step, config, resumed)
             if tracker and startup.pending:
                 tracker.metrics(startup.first_step(), step)
-            if progress:
-                progress.update(step, window, spec.train.log_every_steps)
+            if reporter:
+                reporter.step(step, engine.get_lr()[0])
             if tracker and (step % spec.train.log_every_steps == 0 or step == total_steps):
                 tracker.metrics({**window.summary(engine.get_lr()[0], step / steps_per_epoch),
                                  "peak_memory_mb": peak_memory_mb(device)}, step)
@@ -110,6 +126,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 last_eval = evaluate(engine, eval_loader, spec.task, num_labels, device)
                 if tracker:
                     tracker.metrics(last_eval, step)
+                if reporter:
+                    reporter.evaluated(step, last_eval)
             at_checkpoint = (spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0) or at_eval
             if at_checkpoint and step < total_steps:
                 save_and_report(engine, step, {**last_eval, "step": step}, rank)
@@ -123,8 +141,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   "peak_memory_mb": peak_memory_mb(device)}
     if tracker:
         tracker.metrics({**final, **throughput}, step)
+    if reporter:
+        reporter.evaluated(step, final, final=True)
     info = {"task": spec.task, "method": spec.method.name, "method_config": spec.method.model_dump(),
-            "base_model": spec.model.name, "base_fingerprint": fingerprint, "labels": dataset.labels,
+            "base_model": spec.model.name, "base_fingerprint": base_print, "labels": dataset.labels,
             "trainable_params": trainable, "total_params": total, "dataset_fingerprint": config["data_fingerprint"],
             "prompt": spec.prompt.model_dump() if spec.prompt else None, "precision": precision,
             "steps": step, "metrics": final}
@@ -151,7 +171,7 @@ def make_loader(spec: JobSpec, tokenizer, rows, labels, rank: int, world: int, t
     return loader, sampler
 
 
-def make_engine(spec: JobSpec, model, total_steps: int, precision: str):
+def make_engine(spec: JobSpec, model, total_steps: int, ds_config: dict[str, Any]):
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -160,7 +180,7 @@ def make_engine(spec: JobSpec, model, total_steps: int, precision: str):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_steps, spec.train.lr_scheduler))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(spec, precision))
+                                           config=ds_config)
     return engine
 
 
@@ -196,13 +216,16 @@ def save_and_report(engine, step: int, metrics: dict[str, float], rank: int, exp
 
 def export_trained(engine, out_dir: Path, rank: int, spec: JobSpec, tokenizer, info: dict,
                    probe: dict[str, torch.Tensor]) -> None:
-    """Gather the full state dict (a collective under ZeRO-3) and let the method write its export."""
+    """Gather what the method writes (a collective under ZeRO-3: the whole model for a full fine-tune,
+    the trained tensors alone for an adapter) to rank 0, and let the method write its export."""
+    is_adapter = get_method(spec.method.name).is_adapter
     if engine.zero_optimization_partition_weights():
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
+        state_dict = (zero3.trainable_state_dict(engine.module, rank) if is_adapter
+                      else engine._zero3_consolidated_16bit_state_dict())
     else:
         state_dict = engine.module.state_dict() if rank == 0 else None
     # PEFT's prompt learning re-runs its prompt encoder to save it: it needs the full weights.
-    with gathered_trainable(engine, get_method(spec.method.name).is_adapter):
+    with gathered_trainable(engine, is_adapter):
         if rank == 0:
             out_dir.mkdir(parents=True)
             get_method(spec.method.name).export(engine.module, state_dict, out_dir)
@@ -285,28 +308,6 @@ class Window:
         seconds = max(self.seconds, 1e-9)
         return {"loss": sum(self.losses) / max(len(self.losses), 1), "lr": lr, "epoch": epoch,
                 "tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds}
-
-
-class Progress:
-    """One line per log interval on the driver's terminal: step, loss, tokens/s, ETA."""
-
-    def __init__(self, total: int, start: int) -> None:
-        self.total, self.start, self.began = total, start, time.monotonic()
-
-    def update(self, step: int, window: Window, every: int) -> None:
-        if step % every and step != self.total:
-            return
-        summary = window.summary(0.0, 0.0)
-        elapsed = time.monotonic() - self.began
-        eta = elapsed / max(step - self.start, 1) * (self.total - step)
-        print(f"[onebase] step {step}/{self.total} ({100 * step / self.total:3.0f}%) | loss {summary['loss']:.4f} | "
-              f"{summary['tokens_per_s']:,.0f} tok/s | {summary['samples_per_s']:.1f} samples/s | "
-              f"elapsed {clock(elapsed)} | ETA {clock(eta)}", flush=True)
-
-
-def clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Tracker:
