@@ -68,7 +68,7 @@ def task_model(base: Path, task: str, labels: list[str] | None):
     import transformers
 
     head = {}
-    if task != "causal-lm":
+    if labels is not None and task != "causal-lm":  # extractive QA has no labels (start and end logits)
         head = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                 "label2id": {label: i for i, label in enumerate(labels)}}
     model = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(base, dtype=torch.float32, **head)

@@ -235,14 +235,15 @@ def server(ray_cluster, bases, adapters, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"tracking_uri": uri,
-            "bases": [{"name": str(bases["bert"]), "alias": "tiny-bert", "cpus": 0.5, "max_adapters": 8},
+            "bases": [{"name": str(bases["bert"]), "alias": "tiny-bert", "cpus": 0.25, "max_adapters": 8,
+                       "replicas": 2},
                       {"name": str(bases["llama"]), "alias": "tiny-llama", "cpus": 0.5, "max_adapters": 8}],
             "adapters": [{"id": "sentiment", "source": "models:/sentiment@champion"},
                          {"id": "chat-lora", "source": str(adapters["lm-lora"])},
                          {"id": "chat-prefix", "source": str(adapters["lm-prefix"])},
                          {"id": "missing", "source": str(root / "no-such-dir")}],
             "auth": {"api_keys": ["test-key"], "admin_token": "admin-secret"},
-            "limits": {"max_prompt_tokens": 64, "max_tokens": 32, "max_inputs": 8}}
+            "limits": {"max_prompt_tokens": 64, "max_tokens": 128, "max_inputs": 8, "max_n": 4}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -309,6 +310,7 @@ def test_classify_hot_swap_and_promote_under_load_fail_no_request(server):
         loaded = requests.post(f"{url}/admin/adapters", headers=ADMIN, timeout=120,
                                json={"id": "chat-lora-cls", "source": str(server["adapters"]["cls-ia3"])})
         assert loaded.status_code == 201, loaded.text
+        assert loaded.json()["replicas"] == 2  # the admin load reached both replicas of tiny-bert
         workers[2].start()
         promoted = requests.post(f"{url}/admin/adapters/sentiment/promote", headers=ADMIN, timeout=120,
                                  json={"version": 2})
@@ -327,8 +329,16 @@ def test_classify_hot_swap_and_promote_under_load_fail_no_request(server):
     from onebase.tracking.mlflow_run import client
 
     assert str(client(server["uri"]).get_model_version_by_alias("sentiment", "champion").version) == "2"
-    listing = requests.get(f"{url}/admin/adapters", headers=ADMIN, timeout=60).json()
+    served = sum(1 for m, *_ in answered if m == "chat-lora-cls")
+    for _ in range(20):  # replicas report their figures every second
+        listing = requests.get(f"{url}/admin/adapters", headers=ADMIN, timeout=60).json()
+        figures = next(a for a in listing["adapters"] if a["id"] == "chat-lora-cls")
+        if figures["requests"] >= served:
+            break
+        time.sleep(0.5)
     assert {a["id"] for a in listing["adapters"]} >= {"sentiment", "chat-lora-cls"}
+    assert len(figures["replicas"]) == 2 and all(r["load_ms"] > 0 for r in figures["replicas"].values())
+    assert figures["requests"] >= served and figures["p50_ms"] > 0
     unloaded = requests.delete(f"{url}/admin/adapters/chat-lora-cls", headers=ADMIN, timeout=60)
     assert unloaded.status_code == 200
     gone = requests.post(f"{url}/v1/classify", json={"model": "chat-lora-cls", "input": "x"}, headers=KEY, timeout=60)
@@ -387,3 +397,256 @@ def test_cli_query_and_adapters(server, workspace):
     assert listed.returncode == 0 and "sentiment" in listed.stdout and "missing" in listed.stdout
     refused = onebase_cli("adapters", "load", "x", "/no/such/dir", cwd=workspace, env=env, timeout=120)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "no such directory" in refused.stderr
+
+
+# ---- the engine's batching: gathered LoRA, continuous batching ---------------------------------
+
+@pytest.fixture(scope="module")
+def lora_engine(bases, tmp_path_factory):
+    """A llama engine with three plain LoRA adapters of ranks 2, 4 and 8 (stacks padded to 8)."""
+    root = tmp_path_factory.mktemp("gathered")
+    engine = BaseEngine(str(bases["llama"]))
+    exports = [make_adapter(bases["llama"], root / f"r{r}", "causal-lm", {"name": "lora", "r": r}, seed=300 + r)
+               for r in (2, 4, 8)]
+    return engine, [engine.load(f"r{p.name}", inspect(p)) for p in exports], exports
+
+
+def test_gathered_lora_forward_equals_peft_mixed_batches(lora_engine, bases, tmp_path):
+    engine, loaded, exports = lora_engine
+    pool = loaded[0].runner
+    gathered = pool.gathered
+    assert set(gathered.slots) == {a.key for a in loaded} and gathered.rank == 8
+    keys = [loaded[0].key, None, loaded[2].key, loaded[1].key, loaded[0].key]
+    enc = engine.tokenizer([PROMPTS[0]] * len(keys), return_tensors="pt")
+    with torch.no_grad():
+        peft = pool.model(**enc, adapter_names=[k or "__base__" for k in keys]).logits
+        with gathered.rows(keys):
+            fast = pool.model(**enc).logits
+    assert not torch.equal(peft[0], peft[1])  # the adapters change the logits
+    assert torch.allclose(fast, peft, atol=1e-5)  # tolerance: float summation order only
+    # Hot load and unload reuse slots in place; the stacks stay equal to PEFT's layers.
+    freed = gathered.slots[loaded[1].key]
+    engine.unload(loaded[1])
+    extra = engine.load("extra", inspect(make_adapter(bases["llama"], tmp_path / "x", "causal-lm",
+                                                      {"name": "lora", "r": 4}, seed=999)))
+    assert gathered.slots[extra.key] == freed and gathered.capacity == 4
+    texts = engine.generate([Row(extra, p, max_tokens=6) for p in PROMPTS])
+    reference = reference_model(bases["llama"], extra.info.path, "causal-lm", None)
+    assert [t["text"] for t in texts] == greedy_texts(reference, engine.tokenizer, PROMPTS, 6)
+    engine.unload(extra)
+    loaded[1] = engine.load(loaded[1].id, loaded[1].info)
+
+
+def test_continuous_batching_lets_a_late_short_request_finish_first_with_the_same_outputs(lora_engine):
+    engine, loaded, _ = lora_engine
+    batcher = engine.batcher
+    alone = {name: engine.generate([row])[0]["text"] for name, row in {
+        "long": Row(loaded[0], PROMPTS[0], max_tokens=24), "short": Row(loaded[2], PROMPTS[1], max_tokens=4),
+        "bare": Row(None, PROMPTS[1], max_tokens=4)}.items()}
+    long = batcher.submit(engine.sequence(Row(loaded[0], PROMPTS[0], max_tokens=24)))
+    for _ in range(3):
+        batcher.step()
+    assert len(long.tokens) == 3
+    short = batcher.submit(engine.sequence(Row(loaded[2], PROMPTS[1], max_tokens=4)))
+    bare = batcher.submit(engine.sequence(Row(None, PROMPTS[1], max_tokens=4)))
+    cancelled = batcher.submit(engine.sequence(Row(loaded[1], PROMPTS[0], max_tokens=24)))
+    batcher.step()
+    assert batcher.running() == 4  # one batch, four adapters (the bare base included)
+    cancelled.cancelled = True
+    while not short.done.is_set():
+        batcher.step()
+    assert not long.done.is_set() and bare.done.is_set()  # arrived mid-generation, finished first
+    assert cancelled.finish_reason == "cancelled" and batcher.running() == 1  # its KV rows are gone
+    while not long.done.is_set():
+        batcher.step()
+    assert {"long": long.text, "short": short.text, "bare": bare.text} == alone
+    assert not batcher.batches
+
+
+@pytest.mark.slow
+def test_openai_sampling_fields_through_the_official_client(server):
+    from openai import BadRequestError, OpenAI
+
+    client = OpenAI(base_url=f"{server['url']}/v1", api_key="test-key", max_retries=0)
+    plain = client.completions.create(model="chat-lora", prompt="Hello there", max_tokens=12, temperature=0)
+    text = plain.choices[0].text
+    assert len(text) > 4
+    # stop: the text ends before the stop sequence, which is not returned; finish_reason "stop".
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = client.completions.create(model="chat-lora", prompt="Hello there", max_tokens=12, temperature=0,
+                                        stop=[stop, "never-seen"])
+    assert stopped.choices[0].text == text[: text.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    # n independent samples; a seed makes them reproducible (sample i uses seed + i).
+    sampled = [client.completions.create(model="chat-lora", prompt="Hello there", max_tokens=8, temperature=1.0,
+                                         n=3, seed=seed) for seed in (7, 7, 8)]
+    first, again, other = ([c.text for c in r.choices] for r in sampled)
+    assert len(first) == 3 and len(set(first)) > 1 and first == again and first != other
+    assert sampled[0].usage.prompt_tokens == plain.usage.prompt_tokens  # one prompt, counted once
+    # logprobs: the chosen token's and the top k, consistent with the greedy choice.
+    scored = client.completions.create(model="chat-lora", prompt="Hello there", max_tokens=4, temperature=0,
+                                       logprobs=3)
+    lp = scored.choices[0].logprobs
+    assert "".join(lp.tokens) == scored.choices[0].text and len(lp.top_logprobs[0]) == 3
+    assert all(abs(max(top.values()) - chosen) < 1e-4 for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = client.chat.completions.create(model="chat-lora", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    content = chat.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    # usage on a stream when asked for: a last chunk with no choices.
+    chunks = list(client.chat.completions.create(model="chat-lora", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] in ("stop", "length")
+    refusals = [({"n": 9}, "n: give 1 to 4"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop: up to 4"),
+                ({"stop": "x" * 65}, "stop: up to 4"), ({"logprobs": 21}, "top_logprobs: give 0 to 20")]
+    for extra, message in refusals:
+        with pytest.raises(BadRequestError, match=message):
+            client.completions.create(model="chat-lora", prompt="hi", max_tokens=2, **extra)
+    with pytest.raises(BadRequestError, match="top_logprobs: give 0 to 20"):
+        client.chat.completions.create(model="chat-lora", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, logprobs=True, top_logprobs=21)
+
+
+@pytest.mark.slow
+def test_a_request_arriving_mid_generation_finishes_before_a_long_one(server):
+    """Continuous batching through the server: the long stream is running when the short request
+    arrives; the short one joins the running batch and returns while the long one still streams
+    (a reader thread stamps each event of the long stream as it arrives)."""
+    url = server["url"]
+    body = {"model": "chat-lora", "prompt": "Hello there", "max_tokens": 128, "temperature": 0, "stream": True}
+    arrivals: list[tuple[float, bytes]] = []
+    started = threading.Event()
+
+    def read_long() -> None:
+        with requests.post(f"{url}/v1/completions", json=body, headers=KEY, stream=True, timeout=120) as long:
+            for line in long.iter_lines():
+                if line:
+                    arrivals.append((time.perf_counter(), line))
+                    started.set()
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    assert started.wait(120)  # the long request is generating
+    short = requests.post(f"{url}/v1/completions", headers=KEY, timeout=120,
+                          json={"model": "chat-prefix", "prompt": "The weather today is", "max_tokens": 2,
+                                "temperature": 0})
+    short_done = time.perf_counter()
+    reader.join(120)
+    assert short.status_code == 200, short.text
+    final = json.loads(arrivals[-2][1][6:])  # the last event before [DONE]
+    assert final["choices"][0]["finish_reason"] == "length", "the long request ended early (EOS)"
+    assert short_done < arrivals[-1][0]
+    assert sum(1 for t, _ in arrivals if t > short_done) > 10  # it still had most of its tokens to go
+
+
+# ---- every trained task: token classification and extractive QA --------------------------------
+
+TAGS = ["O", "B-PER", "I-PER"]
+
+
+@pytest.fixture(scope="module")
+def task_adapters(bases, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tasks")
+    lora = {"name": "lora", "r": 4, "target_modules": ["query", "value"]}
+    return {"tags": make_adapter(bases["bert"], root / "tags", "token-classification", lora, labels=TAGS, seed=5),
+            "qa": make_adapter(bases["bert"], root / "qa", "extractive-qa", {"name": "houlsby", "bottleneck": 8},
+                               labels=None, seed=6)}
+
+
+def test_token_classification_and_extractive_qa_answer_like_their_models(bases, task_adapters):
+    engine = BaseEngine(str(bases["bert"]))
+    tagger = engine.load("tags", inspect(task_adapters["tags"]))
+    reader = engine.load("qa", inspect(task_adapters["qa"]))
+    text = "Ada Lovelace  wrote the first program"
+    tokens = engine.predict([Row(tagger, text)], "token-classification")[0]["tokens"]
+    assert [t["token"] for t in tokens] == text.split() and all(text[t["start"]:t["end"]] == t["token"] for t in tokens)
+    reference = reference_model(bases["bert"], task_adapters["tags"], "token-classification", TAGS)
+    enc = engine.tokenizer([text.split()], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = reference(**enc).logits[0].softmax(-1)
+    firsts = [enc.word_ids(0).index(w) for w in range(len(tokens))]
+    assert [t["label"] for t in tokens] == [TAGS[int(probs[p].argmax())] for p in firsts]
+    assert [t["score"] for t in tokens] == pytest.approx([float(probs[p].max()) for p in firsts], abs=1e-5)
+    question, context = "Who wrote the first program?", "The first program was written by Ada Lovelace in 1843."
+    span = engine.predict([Row(reader, question, context=context)], "extractive-qa")[0]
+    reference = reference_model(bases["bert"], task_adapters["qa"], "extractive-qa", None)
+    enc = engine.tokenizer(question, context, return_offsets_mapping=True, return_tensors="pt")
+    offsets = enc.pop("offset_mapping")[0]
+    with torch.no_grad():
+        out = reference(**enc)
+    starts, ends = out.start_logits[0].softmax(-1), out.end_logits[0].softmax(-1)
+    in_context = [i for i, s in enumerate(enc.sequence_ids(0)) if s == 1]
+    best = max((starts[i] * ends[j], i, j) for i in in_context for j in in_context if i <= j < i + 30)
+    assert span["answer"] == context[int(offsets[best[1]][0]):int(offsets[best[2]][1])] == \
+        context[span["start"]:span["end"]]
+    assert span["score"] == pytest.approx(float(best[0]), abs=1e-5)
+    with pytest.raises(AdapterError, match="token-classification model does not answer sequence-classification"):
+        engine.predict([Row(tagger, text)], "sequence-classification")
+
+
+@pytest.mark.slow
+def test_token_classification_and_qa_adapters_answer_through_the_server(server, task_adapters):
+    url = server["url"]
+    for adapter_id in ("tags", "qa"):
+        loaded = requests.post(f"{url}/admin/adapters", headers=ADMIN, timeout=120,
+                               json={"id": adapter_id, "source": str(task_adapters[adapter_id])})
+        assert loaded.status_code == 201, loaded.text
+    text = "Ada Lovelace wrote the first program"
+    tagged = requests.post(f"{url}/v1/tag", json={"model": "tags", "input": [text, "hello"]}, headers=KEY, timeout=60)
+    assert tagged.status_code == 200, tagged.text
+    words = tagged.json()["data"][0]["tokens"]
+    assert [w["token"] for w in words] == text.split() and {w["label"] for w in words} <= set(TAGS)
+    same = requests.post(f"{url}/v1/classify", json={"model": "tags", "input": [text, "hello"], "granularity": "token"},
+                         headers=KEY, timeout=60)
+    assert same.json()["data"] == tagged.json()["data"]
+    context = "The first program was written by Ada Lovelace in 1843."
+    answered = requests.post(f"{url}/v1/answer", headers=KEY, timeout=60,
+                             json={"model": "qa", "question": "Who wrote the first program?", "context": context})
+    assert answered.status_code == 200, answered.text
+    span = answered.json()["data"][0]
+    assert span["answer"] == context[span["start"]:span["end"]] and 0 < span["score"] <= 1
+    refusals = [("/v1/answer", {"model": "qa", "question": "Who?"}, "context: give the text"),
+                ("/v1/classify", {"model": "sentiment", "input": "x", "granularity": "token"},
+                 "sequence-classification model does not answer token-classification"),
+                ("/v1/classify", {"model": "tags", "input": "x"}, "token-classification model does not answer"),
+                ("/v1/answer", {"model": "tags", "question": "Who?", "context": "Ada"},
+                 "does not answer extractive-qa")]
+    for path, body, message in refusals:
+        r = requests.post(f"{url}{path}", json=body, headers=KEY, timeout=60)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)
+
+
+def test_a_full_replica_queue_refuses_and_a_cancelled_request_frees_its_rows(bases):
+    """The replica's scheduler (one thread owns the model): with one row running and one waiting, a
+    third request is refused (HTTP 429 at the gateway); a caller that goes away leaves the batch."""
+    import asyncio
+
+    from onebase.serve.scheduler import QueueFull, Scheduler
+
+    engine = BaseEngine(str(bases["llama"]))
+    scheduler = Scheduler(engine, max_rows=1, max_queue=1, wait_s=0)
+
+    async def scenario() -> tuple[dict, list]:
+        running = engine.sequence(Row(None, PROMPTS[0], max_tokens=1000))
+        long = scheduler.generate([running])
+        await long.__anext__()  # it is decoding
+        short = scheduler.generate([engine.sequence(Row(None, PROMPTS[1], max_tokens=3))])
+        waiting = asyncio.ensure_future(short.__anext__())
+        while not engine.batcher.waiting:
+            await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="1 requests waiting .*retry later"):
+            await scheduler.generate([engine.sequence(Row(None, "x", max_tokens=2))]).__anext__()
+        await long.aclose()  # the client went away
+        items = [await waiting] + [item async for item in short]
+        return running, items
+
+    running, items = asyncio.run(scenario())
+    assert running.finish_reason == "cancelled" and len(running.tokens) < 1000
+    assert items[-1][1]["finish_reason"] in ("length", "stop")
+    deadline = time.time() + 10
+    while engine.batcher.pending() and time.time() < deadline:  # the finished row leaves after its step
+        time.sleep(0.01)
+    assert not engine.batcher.pending()
+    assert QueueFull.status == 429

@@ -68,14 +68,18 @@ def load_model(spec: JobSpec, path: str, labels: list[str] | None, pad_token_id:
     return model
 
 
-def base_fingerprint(model: nn.Module) -> str:
+def base_fingerprint(model: nn.Module, skip: tuple[str, ...] = ()) -> str:
     """sha256 of the backbone's weights (fp32), excluding task heads, which each tune brings itself.
 
-    Serving compares this to the served base before it accepts an adapter.
+    Serving compares this to the served base before it accepts an adapter. `skip`: name prefixes
+    left out (serving also accepts the backbone without BERT's pooler, which token-classification
+    and QA models do not build).
     """
     backbone = getattr(model, "base_model", model)
     digest = hashlib.sha256()
     for name, tensor in sorted(backbone.state_dict().items()):
+        if name.startswith(skip):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()

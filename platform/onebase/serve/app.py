@@ -30,7 +30,7 @@ def build(args: dict[str, Any]):
         deployment = server_deployment(base.max_adapters).options(
             name=f"base-{base.model_name}", num_replicas=base.replicas,
             ray_actor_options={"num_cpus": base.cpus, "num_gpus": base.gpus},
-            max_ongoing_requests=max(64, 4 * base.max_batch_size))
+            max_ongoing_requests=base.max_batch_size + base.max_queue + 16)
         servers[base.model_name] = deployment.bind(base.model_dump(), catalog, parsed.tracking_uri,
                                                    parsed.limits.model_dump())
     return Gateway.bind(catalog, servers, parsed.model_dump())

@@ -21,7 +21,7 @@ from onebase.model.assets import cache_dir
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SERVED_TASKS = ("sequence-classification", "causal-lm")
+SERVED_TASKS = ("sequence-classification", "token-classification", "extractive-qa", "causal-lm")
 PEFT_TASKS = {"SEQ_CLS": "sequence-classification", "CAUSAL_LM": "causal-lm",
               "TOKEN_CLS": "token-classification", "QUESTION_ANS": "extractive-qa"}
 

@@ -11,12 +11,14 @@ active one. Requests already running keep the revision they were routed with.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
 from ray import serve
 
 ADAPTER = "adapter"
+REPORT_TTL_S = 10  # a replica that has not reported for this long is gone
 
 
 def entry_key(entry: dict[str, Any]) -> str:
@@ -33,6 +35,7 @@ class Catalog:
         self.staged: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
         self.revision = 0
+        self.replicas: dict[str, dict[str, Any]] = {}  # replica id -> {base, at, held: {key: figures}}
 
     def stage(self, entry: dict[str, Any]) -> int:
         self.revision += 1
@@ -69,7 +72,36 @@ class Catalog:
         return self.active.get(entry_id)
 
     def listing(self) -> dict[str, Any]:
-        return {"adapters": list(self.active.values()), "failed": dict(self.failed)}
+        """Active entries, each with the replicas holding its revision and its request figures."""
+        return {"adapters": [{**e, **self._figures(entry_key(e))} for e in self.active.values()],
+                "failed": dict(self.failed)}
+
+    # ---- what the replicas hold (each reports every second) ----------------------------------
+
+    def report(self, replica: str, base: str, held: dict[str, dict[str, Any]]) -> None:
+        self.replicas[replica] = {"base": base, "at": time.time(), "held": held}
+
+    def active_keys(self, base: str) -> list[str]:
+        return [entry_key(e) for e in self.active.values() if e["base"] == base]
+
+    def holders(self, key: str) -> list[str]:
+        return [r for r, report in self._live_replicas().items() if key in report["held"]]
+
+    def replica_count(self, base: str) -> int:
+        return sum(1 for report in self._live_replicas().values() if report["base"] == base)
+
+    def _live_replicas(self) -> dict[str, dict[str, Any]]:
+        cutoff = time.time() - REPORT_TTL_S
+        return {r: report for r, report in self.replicas.items() if report["at"] >= cutoff}
+
+    def _figures(self, key: str) -> dict[str, Any]:
+        held = {r: report["held"][key] for r, report in self._live_replicas().items() if key in report["held"]}
+        latencies = [ms for figures in held.values() for ms in figures["latencies_ms"]]
+        per_replica = {r: {k: v for k, v in f.items() if k not in ("id", "latencies_ms")} for r, f in held.items()}
+        return {"replicas": per_replica,
+                "requests": sum(f["requests"] for f in held.values()),
+                "errors": sum(f["errors"] for f in held.values()),
+                "p50_ms": round(statistics.median(latencies), 1) if latencies else None}
 
     def live_keys(self) -> list[str]:
         return [entry_key(e) for e in self.active.values()] + list(self.staged)

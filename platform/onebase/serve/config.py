@@ -19,11 +19,11 @@ class BaseSpec(Strict):
     cpus: float = Field(1, gt=0, description="CPUs Ray reserves per replica")
     gpus: float = Field(0, ge=0)
     max_adapters: int = Field(64, gt=0, description="adapters resident per replica (LRU beyond)")
-    max_batch_size: int = Field(16, gt=0)
-    # Long enough for concurrent requests to reach the replica while the previous batch runs: at
-    # 10 ms, batches on 2 cores held 1-5 requests (1.5 req/s); at 100 ms, 16 (4.9 req/s). A full batch
-    # does not wait.
-    batch_wait_ms: float = Field(50, ge=0, description="how long a batch waits to fill")
+    max_batch_size: int = Field(16, gt=0, description="rows decoding together (more wait in the queue)")
+    # With continuous batching requests join the running batch at the next step; this wait only
+    # applies when the replica is idle, so a burst shares one prefill instead of starting one by one.
+    batch_wait_ms: float = Field(50, ge=0, description="how long an idle replica waits for a burst to prefill together")
+    max_queue: int = Field(64, gt=0, description="requests waiting per replica beyond the running batch (then 429)")
 
     @property
     def model_name(self) -> str:
@@ -60,6 +60,7 @@ class LimitSpec(Strict):
     max_prompt_tokens: int = Field(1024, gt=0)
     max_tokens: int = Field(256, gt=0, description="new tokens per completion")
     max_inputs: int = Field(64, gt=0, description="texts per /v1/classify request")
+    max_n: int = Field(8, gt=0, description="samples per completion request (n)")
 
 
 class ServeArgs(Strict):

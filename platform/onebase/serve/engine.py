@@ -31,10 +31,14 @@ from onebase.methods.native import head_modules
 from onebase.model.assets import resolve_model
 from onebase.model.build import AUTO_CLASSES, base_fingerprint, load_tokenizer
 from onebase.serve.artifacts import AdapterError, AdapterInfo
+from onebase.serve.decode import Decoder, Sampling, Sequence
+from onebase.serve.gathered import GatheredLora
+from onebase.serve.heads import HEADS
 from onebase.serve.lora_pool import LoraPool
 from onebase.spec.schema import PromptSpec
 
-BASE = "__base__"
+ROUTES = {"sequence-classification": "/v1/classify", "token-classification": "/v1/tag",
+          "extractive-qa": "/v1/answer", "causal-lm": "/v1/completions"}
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Runner:
     mixed: bool  # True: a LoRA pool, rows pick their adapter through adapter_names
     keys: set[str] = field(default_factory=set)
     lora: LoraPool | None = None
+    gathered: GatheredLora | None = None  # causal-lm pools: plain LoRA rows run gathered
 
 
 @dataclass
@@ -73,6 +78,10 @@ class Row:
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    context: str | None = None  # extractive QA: the text holding the answer (`text` is the question)
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
+    seed: int | None = None
 
 
 class BaseEngine:
@@ -92,6 +101,8 @@ class BaseEngine:
         auto = transformers.AutoModelForCausalLM if self.task == "causal-lm" else transformers.AutoModel
         self.base = auto.from_pretrained(self.path, dtype=torch.float32).eval().requires_grad_(False)
         self.fingerprint = base_fingerprint(self.base)
+        # Token-classification and QA heads are built without the pooler: their backbone is the rest.
+        self.fingerprints = {self.fingerprint, base_fingerprint(self.base, skip=("pooler.",))}
         # Name -> tensor as loaded, before any adapter touched a module (tied weights appear under both names).
         self.tensors: dict[str, torch.Tensor] = {
             **dict(self.base.named_parameters(remove_duplicate=False)),
@@ -101,6 +112,8 @@ class BaseEngine:
         self.adapters: dict[str, Loaded] = {}
         self.lock = threading.RLock()
         self._serial = 0
+        self._bare: Runner | None = None
+        self.batcher = Decoder(self)  # continuous batching over every generating adapter of this base
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -108,7 +121,7 @@ class BaseEngine:
         """Put an adapter on this base; refuses one trained on another base."""
         if info.task == "causal-lm" and not self.decoder:
             raise AdapterError(f"adapter {adapter_id}: a causal-lm adapter needs a decoder base, not {self.name}")
-        if info.base_fingerprint and info.base_fingerprint != self.fingerprint:
+        if info.base_fingerprint and info.base_fingerprint not in self.fingerprints:
             raise AdapterError(f"adapter {adapter_id}: trained on a different base (sha256 "
                                f"{info.base_fingerprint[:12]}...), this replica serves {self.name} "
                                f"(sha256 {self.fingerprint[:12]}...)")
@@ -161,13 +174,16 @@ class BaseEngine:
 
                 view = self.view(info.task, labels)
                 model = PeftModel.from_pretrained(view, str(info.path), adapter_name=key).eval()
-                pool = self.pools[pool_key] = Runner(model, info.task, labels, mixed=True, lora=LoraPool(model))
+                pool = self.pools[pool_key] = Runner(model, info.task, labels, mixed=True, lora=LoraPool(model),
+                                                     gathered=GatheredLora(model) if info.task == "causal-lm" else None)
             elif not pool.lora.add(key, info.path):
                 pool.model.load_adapter(str(info.path), adapter_name=key, low_cpu_mem_usage=True)
                 pool.model.eval()
                 fast, pool.lora = pool.lora.fast, LoraPool(pool.model)  # PEFT may have wrapped new layers
                 pool.lora.fast = fast
             pool.keys.add(key)
+            if pool.gathered is not None:
+                pool.gathered.add(key)
             return pool
         private = _overwritten_base_tensors(info)
         view = self.view(info.task, labels, private=private)
@@ -180,6 +196,8 @@ class BaseEngine:
             self.adapters.pop(loaded.key, None)
             runner = loaded.runner
             runner.keys.discard(loaded.key)
+            if runner.gathered is not None:
+                runner.gathered.remove(loaded.key)
             if runner.lora is not None:
                 runner.lora.remove(loaded.key)
 
@@ -189,7 +207,7 @@ class BaseEngine:
         import transformers
 
         config = copy.deepcopy(self.config)
-        if task != "causal-lm":
+        if task in ("sequence-classification", "token-classification"):
             config.num_labels = len(labels or ())
             config.id2label = dict(enumerate(labels or ()))
             config.label2id = {label: i for i, label in enumerate(labels or ())}
@@ -219,70 +237,49 @@ class BaseEngine:
 
     # ---- inference -------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def classify(self, rows: list[Row], max_length: int = 512) -> list[dict[str, Any]]:
         """Label and probabilities per row; rows of one LoRA pool share a forward."""
+        return self.predict(rows, "sequence-classification", max_length)
+
+    @torch.inference_mode()
+    def predict(self, rows: list[Row], task: str, max_length: int = 512) -> list[dict[str, Any]]:
+        """What a non-generating head answers per row (`heads.py`); every row's adapter must be of `task`."""
         results: list[dict[str, Any] | None] = [None] * len(rows)
         with self.lock:
             for runner, indices in self._groups(rows):
-                if runner.task != "sequence-classification":
-                    raise AdapterError(f"adapter {rows[indices[0]].adapter.id}: a {runner.task} adapter "
-                                       "does not classify")
-                enc = self.tokenizer([rows[i].text for i in indices], padding=True, truncation=True,
-                                     max_length=max_length, return_tensors="pt")
-                kwargs = {"adapter_names": [rows[i].adapter.key for i in indices]} if runner.mixed else {}
-                logits = runner.model(**enc, **kwargs).logits.float()
-                probs = logits.softmax(-1)
-                for row_probs, i in zip(probs, indices):
-                    labels = rows[i].adapter.info.labels or runner.labels or \
-                        [f"LABEL_{j}" for j in range(len(row_probs))]
-                    best = int(row_probs.argmax())
-                    results[i] = {"label": labels[best],
-                                  "probabilities": {label: round(float(p), 6) for label, p in zip(labels, row_probs)}}
+                if runner.task != task:
+                    name = rows[indices[0]].adapter.id if rows[indices[0]].adapter else self.name
+                    raise AdapterError(f"model {name}: a {runner.task} model does not answer {task} requests"
+                                       f" ({ROUTES.get(runner.task, '/v1/completions')} serves it)")
+                group = [rows[i] for i in indices]
+                for i, result in zip(indices, HEADS[task](self.tokenizer, runner, group, max_length)):
+                    results[i] = result
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
     def generate(self, rows: list[Row]) -> list[dict[str, Any]]:
-        """Continue each row's prompt; one generate call per group of (runner, sampling settings)."""
-        results: list[dict[str, Any] | None] = [None] * len(rows)
-        with self.lock:
-            for runner, indices in self._groups(rows, sampling=True):
-                first = rows[indices[0]]
-                enc = self._encode_prompts([rows[i].text for i in indices])
-                kwargs = {"adapter_names": [rows[i].adapter.key if rows[i].adapter else BASE for i in indices]} \
-                    if runner.mixed else {}
-                longest = max(rows[i].max_tokens for i in indices)
-                out = runner.model.generate(**enc, **kwargs, **self._sampling(first, longest))
-                new = out[:, enc["input_ids"].shape[1]:]
-                for position, i in enumerate(indices):
-                    results[i] = {**self._decode(new[position], rows[i].max_tokens),
-                                  "prompt_tokens": int(enc["attention_mask"][position].sum())}
-        return results  # type: ignore[return-value]
+        """Continue each row's prompt to its end, all rows batched together (for callers that own the
+        model: tests, benchmarks; the server's scheduler steps `self.batcher` itself)."""
+        return self.batcher.run([self.sequence(row) for row in rows])
 
     def stream(self, row: Row) -> Iterator[str]:
-        """Text pieces as they are generated (a thread runs generate; the model lock is held throughout)."""
-        from transformers import TextIteratorStreamer
+        """Text pieces as they are generated, stepping the batcher between them (callers that own the model)."""
+        pieces: list[str] = []
+        seq = self.batcher.submit(self.sequence(row, on_text=pieces.append))
+        while not seq.done.is_set():
+            self.batcher.step()
+            yield from pieces
+            pieces.clear()
+        yield from pieces
 
+    def sequence(self, row: Row, on_text=None) -> Sequence:
+        """A row as a sequence for the batcher (raises AdapterError for a row that cannot generate)."""
         runner = self._runner(row)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        enc = self._encode_prompts([row.text])
-        kwargs = {"adapter_names": [row.adapter.key if row.adapter else BASE]} if runner.mixed else {}
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with self.lock, torch.inference_mode():
-                    runner.model.generate(**enc, **kwargs, streamer=streamer, **self._sampling(row, row.max_tokens))
-            except BaseException as err:  # surfaced to the reader below
-                failure.append(err)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
-        if failure:
-            raise failure[0]
+        # Chat templates carry their own BOS.
+        specials = not row.text.startswith(self.tokenizer.bos_token or "\0")
+        ids = self.tokenizer(row.text, add_special_tokens=specials)["input_ids"]
+        sampling = Sampling(max_tokens=row.max_tokens, temperature=row.temperature, top_p=row.top_p,
+                            stop=tuple(row.stop), logprobs=row.logprobs, seed=row.seed)
+        return Sequence(row.adapter, runner, ids, sampling, on_text=on_text)
 
     def render_chat(self, messages: list[dict[str, str]], adapter: Loaded | None) -> str:
         """The prompt text for a chat: an adapter trained with a template gets its own template."""
@@ -308,38 +305,18 @@ class BaseEngine:
             raise AdapterError(f"the bare base {self.name} has no task head: name an adapter")
         pool = self.pools.get(("causal-lm", 0))
         # Base rows join the causal LoRA pool's forward as "__base__" when there is one.
-        return pool if pool is not None else Runner(self.base, "causal-lm", None, mixed=False)
+        if pool is not None:
+            return pool
+        if self._bare is None:  # one runner, so bare rows share one running batch
+            self._bare = Runner(self.base, "causal-lm", None, mixed=False)
+        return self._bare
 
-    def _groups(self, rows: list[Row], sampling: bool = False) -> list[tuple[Runner, list[int]]]:
+    def _groups(self, rows: list[Row]) -> list[tuple[Runner, list[int]]]:
         groups: dict[tuple, tuple[Runner, list[int]]] = {}
         for i, row in enumerate(rows):
             runner = self._runner(row)
-            key = (id(runner), (row.temperature, row.top_p) if sampling else None)
-            groups.setdefault(key, (runner, []))[1].append(i)
+            groups.setdefault(id(runner), (runner, []))[1].append(i)
         return list(groups.values())
-
-    def _encode_prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        # Decoders continue from the last position: pad on the left. Chat templates carry their own BOS.
-        self.tokenizer.padding_side = "left"
-        specials = not any(t.startswith(self.tokenizer.bos_token or "\0") for t in texts)
-        return dict(self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=specials))
-
-    def _sampling(self, row: Row, max_tokens: int) -> dict[str, Any]:
-        settings: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if row.temperature > 0:
-            settings.update(do_sample=True, temperature=row.temperature, top_p=row.top_p)
-        else:
-            settings.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return settings
-
-    def _decode(self, tokens: torch.Tensor, max_tokens: int) -> dict[str, Any]:
-        tokens = tokens[:max_tokens].tolist()
-        eos = self.tokenizer.eos_token_id
-        finish = "length"
-        if eos in tokens:
-            tokens, finish = tokens[: tokens.index(eos)], "stop"
-        return {"text": self.tokenizer.decode(tokens, skip_special_tokens=True), "completion_tokens": len(tokens),
-                "finish_reason": finish}
 
 
 def _like(tensor: torch.Tensor, kind: str) -> torch.Tensor:
@@ -378,7 +355,7 @@ def _overwritten_base_tensors(info: AdapterInfo) -> set[str]:
 
 def _require_loaded(model: nn.Module, info: AdapterInfo) -> None:
     """A classification adapter must bring its head: a zero head would answer with constant labels."""
-    if info.task != "sequence-classification" or info.peft_type is not None:
+    if info.task == "causal-lm" or info.peft_type is not None:
         return
     from safetensors import safe_open
 

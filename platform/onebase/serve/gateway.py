@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
@@ -21,7 +22,17 @@ from onebase.serve import programs
 from onebase.serve.artifacts import AdapterError, check_id, fetch, resolve_registry
 from onebase.serve.catalog import ADAPTER
 from onebase.serve.config import AdapterRef, ServeArgs
-from onebase.serve.schemas import ChatRequest, ClassifyRequest, CompletionRequest, LoadRequest, PromoteRequest, Sampling
+from onebase.serve.openai_format import Chunks, chat_choice, completion_choice, usage
+from onebase.serve.schemas import (
+    AnswerRequest,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    LoadRequest,
+    PromoteRequest,
+    Sampling,
+    TagRequest,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -40,15 +51,20 @@ def _bearer(request: Request) -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
+@api.exception_handler(RequestValidationError)
+async def _one_line_validation(request: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
+    return await _one_line_errors(request, HTTPException(400, f"{where}: {first.get('msg', 'invalid')}"))
+
+
 def _raise_for(result: dict[str, Any]) -> None:
     if "error" in result:
-        raise HTTPException(400, result["error"])
+        raise HTTPException(result.get("status", 400), result["error"])
 
 
-def _usage(results: list[dict[str, Any]]) -> dict[str, int]:
-    prompt = sum(r["prompt_tokens"] for r in results)
-    completion = sum(r["completion_tokens"] for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+STOP_LIMIT, STOP_CHARS, TOP_LOGPROBS = 4, 64, 20
+SPREAD_TIMEOUT_S = 60  # an admin load waits this long for every replica to hold the adapter
 
 
 # Serve admits 5 requests per replica by default: the gateway only awaits, so let it hold many
@@ -111,7 +127,18 @@ class Gateway:
         if "error" in report:
             await self.catalog.discard.remote(key, report["error"])
             raise AdapterError(report["error"])
-        return await self.catalog.commit.remote(key)
+        committed = await self.catalog.commit.remote(key)
+        return {**committed, "replicas": await self._spread(key, base)}
+
+    async def _spread(self, key: str, base: str) -> int:
+        """Wait until every replica of the base holds the new revision (each loads the catalog's
+        active entries within about a second); the count of replicas holding it."""
+        deadline = time.monotonic() + SPREAD_TIMEOUT_S
+        while True:
+            holders = len(await self.catalog.holders.remote(key))
+            if holders >= await self.catalog.replica_count.remote(base) or time.monotonic() > deadline:
+                return holders
+            await asyncio.sleep(0.25)
 
     def _resolve_source(self, source: str) -> str:
         """Registry aliases are pinned to a version at load time: a revision never changes under a request."""
@@ -127,7 +154,7 @@ class Gateway:
             return ref.base
         if info.base_fingerprint:
             for name, base in self.bases.items():
-                if base["fingerprint"] == info.base_fingerprint:
+                if info.base_fingerprint in base["fingerprints"]:
                     return name
             raise AdapterError(f"adapter {ref.id}: trained on a base that is not served (sha256 "
                                f"{info.base_fingerprint[:12]}...; served: "
@@ -164,89 +191,131 @@ class Gateway:
 
     @api.post("/v1/classify")
     async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
+        """A label per text (granularity "sequence") or per word of each text ("token")."""
         self.check_key(request)
-        texts = [body.input] if isinstance(body.input, str) else body.input
+        task = "token-classification" if body.granularity == "token" else "sequence-classification"
+        return await self._predict(body.model, task, self._texts(body.input, "input"))
+
+    @api.post("/v1/tag")
+    async def tag(self, body: TagRequest, request: Request) -> dict[str, Any]:
+        """Token classification: each word of each text with its label, score and character offsets."""
+        self.check_key(request)
+        return await self._predict(body.model, "token-classification", self._texts(body.input, "input"))
+
+    @api.post("/v1/answer")
+    async def answer(self, body: AnswerRequest, request: Request) -> dict[str, Any]:
+        """Extractive QA: the span of the context answering the question, its score and offsets."""
+        self.check_key(request)
+        questions = self._texts(body.question, "question")
+        if body.context is None or not (body.context if isinstance(body.context, str) else all(body.context)):
+            raise HTTPException(400, "context: give the text that holds the answer")
+        contexts = [body.context] if isinstance(body.context, str) else body.context
+        if len(contexts) != len(questions):
+            raise HTTPException(400, f"context: one per question ({len(questions)} questions, "
+                                     f"{len(contexts)} contexts)")
+        return await self._predict(body.model, "extractive-qa", questions, contexts)
+
+    def _texts(self, value: str | list[str], field: str) -> list[str]:
+        texts = [value] if isinstance(value, str) else value
         if not texts or len(texts) > self.args.limits.max_inputs:
-            raise HTTPException(400, f"input: give 1 to {self.args.limits.max_inputs} texts")
-        handle = await self.route(body.model)
-        result = await handle.classify.remote(texts)
+            raise HTTPException(400, f"{field}: give 1 to {self.args.limits.max_inputs} texts")
+        return texts
+
+    async def _predict(self, model: str, task: str, texts: list[str], contexts: list[str] | None = None):
+        handle = await self.route(model)
+        result = await handle.predict.remote(task, texts, contexts)
         _raise_for(result)
-        return {"object": "list", "model": body.model,
-                "data": [{"index": i, **r} for i, r in enumerate(result["data"])]}
+        return {"object": "list", "model": model, "data": [{"index": i, **r} for i, r in enumerate(result["data"])]}
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_key(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        settings = self._settings(body.max_tokens, body)
+        settings = self._settings(body.max_tokens, body, body.logprobs)
         if not prompts:
             raise HTTPException(400, "prompt: empty")
         handle = await self.route(body.model)
         if body.stream:
             if len(prompts) != 1:
                 raise HTTPException(400, "stream: one prompt per streamed request")
-            return await self._stream(handle, body.model, prompts[0], None, settings, chat=False)
-        results = await asyncio.gather(*(handle.complete.remote(p, None, settings) for p in prompts))
-        for result in results:
-            _raise_for(result)
-        choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
-                   for i, r in enumerate(results)]
+            return await self._stream(handle, body, prompts[0], None, settings, chat=False)
+        answers = await asyncio.gather(*(handle.complete.remote(p, None, settings) for p in prompts))
+        for answer in answers:
+            _raise_for(answer)
+        # OpenAI's order: the n samples of the first prompt, then those of the second, ...
+        results = [{**r, "first": j == 0} for a in answers for j, r in enumerate(a["choices"])]
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model, "choices": choices, "usage": _usage(results)}
+                "model": body.model, "choices": [completion_choice(i, r) for i, r in enumerate(results)],
+                "usage": usage(results)}
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
         self.check_key(request)
-        settings = self._settings(body.max_completion_tokens or body.max_tokens or 256, body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise HTTPException(400, "top_logprobs: needs logprobs: true")
+        settings = self._settings(body.max_completion_tokens or body.max_tokens or 256, body,
+                                  (body.top_logprobs or 0) if body.logprobs else None)
         messages = [m.model_dump() for m in body.messages]
         handle = await self.route(body.model)
         if body.stream:
-            return await self._stream(handle, body.model, None, messages, settings, chat=True)
-        result = await handle.complete.remote(None, messages, settings)
-        _raise_for(result)
+            return await self._stream(handle, body, None, messages, settings, chat=True)
+        answer = await handle.complete.remote(None, messages, settings)
+        _raise_for(answer)
+        results = [{**r, "first": j == 0} for j, r in enumerate(answer["choices"])]
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model, "usage": _usage([result]),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                             "finish_reason": result["finish_reason"]}]}
+                "model": body.model, "usage": usage(results),
+                "choices": [chat_choice(i, r) for i, r in enumerate(results)]}
 
-    def _settings(self, max_tokens: int, body: Sampling) -> dict[str, Any]:
-        if body.n != 1:
-            raise HTTPException(400, "n: only n=1 is supported")
-        if not 1 <= max_tokens <= self.args.limits.max_tokens:
-            raise HTTPException(400, f"max_tokens: give 1 to {self.args.limits.max_tokens}")
-        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p}
+    def _settings(self, max_tokens: int, body: Sampling, logprobs: int | None) -> dict[str, Any]:
+        """The sampling settings of a request, every limit checked (one line per refusal)."""
+        limits = self.args.limits
+        if not 1 <= body.n <= limits.max_n:
+            raise HTTPException(400, f"n: give 1 to {limits.max_n}")
+        if body.stream and body.n != 1:
+            raise HTTPException(400, "n: a streamed request takes n=1")
+        if not 1 <= max_tokens <= limits.max_tokens:
+            raise HTTPException(400, f"max_tokens: give 1 to {limits.max_tokens}")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > STOP_LIMIT or any(not 1 <= len(s) <= STOP_CHARS for s in stop):
+            raise HTTPException(400, f"stop: up to {STOP_LIMIT} sequences of 1 to {STOP_CHARS} characters")
+        if logprobs is not None and logprobs > TOP_LOGPROBS:
+            raise HTTPException(400, f"top_logprobs: give 0 to {TOP_LOGPROBS}")
+        if logprobs is not None and body.stream:
+            raise HTTPException(400, "logprobs: not returned on streamed requests; ask without stream")
+        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "n": body.n,
+                "stop": stop, "seed": body.seed, "logprobs": logprobs}
 
-    async def _stream(self, handle, model: str, prompt, messages, settings, chat: bool):
+    async def _stream(self, handle, body: Sampling, prompt, messages, settings, chat: bool):
         pieces = handle.options(stream=True).complete_stream.remote(prompt, messages, settings)
         try:
             first = await pieces.__anext__()  # errors come first: answer them as HTTP errors
         except StopAsyncIteration:
-            first = ""
-        if isinstance(first, dict):
+            first = {"error": "the replica ended the stream without an answer", "status": 500}
+        if isinstance(first, dict) and "error" in first:
             _raise_for(first)
-        stream_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
-        def event(text: str | None, finish: str | None) -> str:
-            if chat:
-                delta = {"content": text} if text is not None else {}
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                obj = "chat.completion.chunk"
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-                obj = "text_completion"
-            return "data: " + json.dumps({"id": stream_id, "object": obj, "created": int(time.time()),
-                                          "model": model, "choices": [choice]}) + "\n\n"
+        chunks = Chunks(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", body.model, chat)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
             if chat:
-                yield "data: " + json.dumps({"id": stream_id, "object": "chat.completion.chunk", "model": model,
-                                             "created": int(time.time()),
-                                             "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                                          "finish_reason": None}]}) + "\n\n"
-            yield event(first, None)
-            async for piece in pieces:
-                yield event(piece, None)
-            yield event(None, "stop")
+                yield chunks.role()
+            item = first
+            while True:
+                if isinstance(item, str):
+                    yield chunks.piece(item)
+                elif "final" in item:
+                    final = item["final"]
+                    if "error" in final:  # the text so far went out; end the stream with the error
+                        yield "data: " + json.dumps({"error": {"message": final["error"]}}) + "\n\n"
+                        break
+                    yield chunks.piece(None, final["finish_reason"])
+                    if include_usage:
+                        yield chunks.usage(final)
+                    break
+                try:
+                    item = await pieces.__anext__()
+                except StopAsyncIteration:
+                    break
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

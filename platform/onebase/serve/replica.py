@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,21 +21,10 @@ from onebase.serve import programs
 from onebase.serve.artifacts import AdapterError, fetch, inspect
 from onebase.serve.catalog import ADAPTER
 from onebase.serve.config import BaseSpec, LimitSpec
+from onebase.serve.scheduler import Scheduler
+from onebase.serve.stats import EntryStats, ReplicaStats
 
 log = logging.getLogger("ray.serve")
-
-
-def _share_batches() -> None:
-    """Let this request join batches with requests for other adapters.
-
-    Serve's @serve.batch splits every batch by multiplexed model id, which would run one forward per
-    adapter. Each row already carries its adapter (leased), so this request's context drops the id:
-    the batch stays whole and LoRA rows mix in one forward. Only this request's task sees it.
-    """
-    from ray.serve import context
-
-    current = context._get_serve_request_context()
-    context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
 
 
 class Resident:
@@ -68,11 +57,12 @@ class BaseServer:
         self.spec = BaseSpec.model_validate(base)
         self.limits = LimitSpec.model_validate(limits)
         self.engine = BaseEngine(self.spec.name, self.spec.task, threads=self.spec.threads)
+        self.scheduler = Scheduler(self.engine, self.spec.max_batch_size, self.spec.max_queue,
+                                   self.spec.batch_wait_ms / 1000)
         self.catalog, self.tracking_uri = catalog, tracking_uri
-        for batched in (self._classify_batch, self._generate_batch):
-            batched.set_max_batch_size(self.spec.max_batch_size)
-            batched.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000)
         self._reaper: asyncio.Task | None = None
+        self.stats = ReplicaStats(self.spec.model_name)
+        self.replica_id = _replica_id()
 
     async def get_adapter(self, model_id: str) -> Resident:
         raise NotImplementedError  # replaced per base by server_deployment (the LRU size is per base)
@@ -91,92 +81,138 @@ class BaseServer:
 
     def _start_reaper(self) -> None:
         if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+            self._reaper = asyncio.get_running_loop().create_task(self._sync())
 
-    async def _reap(self) -> None:
-        """Free adapters whose revision was unloaded or replaced, once a request no longer uses them.
+    async def check_health(self) -> None:
+        """Serve calls this on every replica from its start: it starts the catalog sync loop."""
+        self._start_reaper()
+
+    async def _sync(self) -> None:
+        """Every second: report what this replica holds (and its request figures) to the catalog, load
+        the entries of this base it does not hold yet (an admin load reaches every replica), and free
+        revisions that were unloaded or replaced once no request uses them.
 
         Serve's LRU would free them only when the slot is needed; a revision is reaped after two
         passes out of the catalog, so a request routed just before a switch still finds it."""
         stale: set[str] = set()
         while True:
-            await asyncio.sleep(2)
+            await asyncio.sleep(1)
             try:
+                await self._report()
                 live = set(await self.catalog.live_keys.remote())
                 gone = {a.tag for a in self.engine.adapters.values() if a.tag not in live}
                 for loaded in list(self.engine.adapters.values()):
                     if loaded.tag in gone & stale:
                         self.engine.unload(loaded)
                 stale = gone
-            except Exception:  # the reaper must never take the replica down
-                log.exception("adapter reaper")
+                await self._preload()
+            except Exception:  # the sync loop must never take the replica down
+                log.exception("catalog sync")
+
+    async def _report(self) -> None:
+        held = {a.tag: {"id": a.id, "load_ms": round(a.load_ms, 1),
+                        **self.stats.entries.get(a.tag, EntryStats()).summary()}
+                for a in self.engine.adapters.values() if not a.closing}
+        self.stats.resident(len(held))
+        await self.catalog.report.remote(self.replica_id, self.spec.model_name, held)
+
+    async def _preload(self) -> None:
+        held = {a.tag for a in self.engine.adapters.values() if not a.closing}
+        for key in await self.catalog.active_keys.remote(self.spec.model_name):
+            if key in held or len(held) >= self.spec.max_adapters:
+                continue
+            try:
+                await self.get_adapter(key)  # through Serve's multiplexing: the router learns we hold it
+                held.add(key)
+            except AdapterError as err:
+                log.warning(f"preload {key}: {err}")
 
     @contextlib.asynccontextmanager
-    async def _leased(self) -> AsyncIterator[Any]:
+    async def _leased(self, count: bool = True) -> AsyncIterator[Any]:
         """The entry this request names (None: the bare base), loaded if needed and leased until the
         request is done. Raises AdapterError when it cannot be loaded or was unloaded meanwhile."""
         model_id = serve.get_multiplexed_model_id()
-        loaded = None
-        if model_id:
-            resident = await self.get_adapter(model_id)
-            loaded = self.engine.lease(resident.loaded)
+        started, failed, loaded = time.perf_counter(), True, None
         try:
+            if model_id:
+                self.stats.lookup(model_id, hit=any(a.tag == model_id for a in self.engine.adapters.values()))
+                resident = await self.get_adapter(model_id)
+                loaded = self.engine.lease(resident.loaded)
             yield loaded
+            failed = False
         finally:
             if loaded is not None:
                 self.engine.release(loaded)
+            if count:
+                self.stats.request(model_id or self.spec.model_name, time.perf_counter() - started, failed)
 
     async def warm(self) -> dict[str, Any]:
         """Load the adapter named by the request's model id; report it (or why it cannot load)."""
         try:
-            async with self._leased() as loaded:
+            async with self._leased(count=False) as loaded:
                 info = loaded.info
-                return {"method": info.method, "task": info.task, "labels": info.labels, "bytes": info.nbytes,
-                        "load_ms": round(loaded.load_ms, 1)}
+                report = {"method": info.method, "task": info.task, "labels": info.labels, "bytes": info.nbytes,
+                          "load_ms": round(loaded.load_ms, 1)}
         except AdapterError as err:
             return {"error": str(err)}
+        await self._report()  # the catalog knows at once that this replica holds it
+        return report
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.spec.model_name, "model": self.spec.name, "task": self.engine.task,
-                "fingerprint": self.engine.fingerprint, "decoder": self.engine.decoder,
+                "fingerprint": self.engine.fingerprint, "fingerprints": sorted(self.engine.fingerprints),
+                "decoder": self.engine.decoder,
                 "resident": sorted({a.id for a in self.engine.adapters.values() if not a.closing})}
 
-    async def classify(self, texts: list[str]) -> dict[str, Any]:
+    async def predict(self, task: str, texts: list[str], contexts: list[str] | None = None) -> dict[str, Any]:
+        """A non-generating head's answer per text (`contexts`: extractive QA, `texts` are the questions)."""
         from onebase.serve.engine import Row
 
+        contexts = contexts or [None] * len(texts)
         try:
             async with self._leased() as loaded:
-                _share_batches()
-                results = await asyncio.gather(*(self._classify_batch(Row(loaded, text)) for text in texts))
+                if programs.is_program(loaded):
+                    return await programs.classify(self, loaded, texts, task)
+                rows = [Row(loaded, text, context=context) for text, context in zip(texts, contexts)]
+                return {"data": await self.scheduler.predict(rows, task)}
         except AdapterError as err:
-            return {"error": str(err)}
-        failed = next((r for r in results if "error" in r), None)
-        return failed or {"data": results}
+            return _refusal(err)
 
     async def complete(self, prompt: str | None, messages: list[dict[str, str]] | None,
                        settings: dict[str, Any]) -> dict[str, Any]:
+        """{"choices": [one result per sample (n)]}, or {"error": ..., "status": ...}."""
         try:
             async with self._leased() as loaded:
-                _share_batches()
-                row = self._row(loaded, prompt, messages, settings)
-                return await self._generate_batch(row)
+                if programs.is_program(loaded):
+                    return {"choices": [await programs.complete(self, loaded, prompt, messages)]}
+                seqs = self._sequences(loaded, prompt, messages, settings)
+                results: list[dict[str, Any]] = [{}] * len(seqs)
+                async for index, item in self.scheduler.generate(seqs):
+                    if isinstance(item, dict):
+                        results[index] = item
         except AdapterError as err:
-            return {"error": str(err)}
+            return _refusal(err)
+        failed = next((r for r in results if "error" in r), None)
+        return {**failed, "status": 500} if failed else {"choices": results}
 
     async def complete_stream(self, prompt: str | None, messages: list[dict[str, str]] | None,
                               settings: dict[str, Any]):
-        """Yields text pieces; a first item {"error": ...} when the request cannot run."""
+        """Yields text pieces, then {"final": result}; a first item {"error": ...} when it cannot run."""
         try:
             async with self._leased() as loaded:
-                pieces = self.engine.stream(self._row(loaded, prompt, messages, settings))
-                done = object()
-                while (piece := await asyncio.to_thread(next, pieces, done)) is not done:
-                    if piece:
-                        yield piece
+                if programs.is_program(loaded):  # a program answers whole: one piece, then the result
+                    result = await programs.complete(self, loaded, prompt, messages)
+                    yield result["text"]
+                    yield {"final": result}
+                    return
+                seqs = self._sequences(loaded, prompt, messages, {**settings, "n": 1})
+                async for _, item in self.scheduler.generate(seqs):
+                    yield {"final": item} if isinstance(item, dict) else item
         except AdapterError as err:
-            yield {"error": str(err)}
+            yield _refusal(err)
 
-    def _row(self, loaded, prompt, messages, settings):
+    def _sequences(self, loaded, prompt, messages, settings) -> list:
+        """The request's n sequences (a seed gives sample i the seed + i: reproducible, yet distinct)."""
         from onebase.serve.engine import Row
 
         if self.engine.task != "causal-lm" or (loaded and loaded.info.task != "causal-lm"):
@@ -186,23 +222,23 @@ class BaseServer:
         count = self.engine.count_tokens(text)
         if count > self.limits.max_prompt_tokens:
             raise AdapterError(f"prompt is {count} tokens; the limit is {self.limits.max_prompt_tokens}")
-        return Row(loaded, text, max_tokens=settings["max_tokens"], temperature=settings["temperature"],
-                   top_p=settings["top_p"])
+        seed = settings.get("seed")
+        return [self.engine.sequence(Row(loaded, text, max_tokens=settings["max_tokens"],
+                                         temperature=settings["temperature"], top_p=settings["top_p"],
+                                         stop=tuple(settings.get("stop") or ()), logprobs=settings.get("logprobs"),
+                                         seed=None if seed is None else seed + i))
+                for i in range(settings.get("n", 1))]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _classify_batch(self, rows):
-        return await asyncio.to_thread(self._safe, self.engine.classify, rows)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, rows):
-        return await asyncio.to_thread(self._safe, self.engine.generate, rows)
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica
+        return "local"
 
-    @staticmethod
-    def _safe(fn, rows):
-        try:
-            return fn(rows)
-        except AdapterError as err:
-            return [{"error": str(err)}] * len(rows)
+
+def _refusal(err: AdapterError) -> dict[str, Any]:
+    return {"error": str(err), "status": getattr(err, "status", 400)}
 
 
 def server_deployment(max_adapters: int):

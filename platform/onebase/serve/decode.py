@@ -1,0 +1,357 @@
+"""Iteration-level (continuous) batching: sequences join and leave a running batch between steps.
+
+A `Decoder` owns running batches, one per model (a LoRA pool's rows share one batch, whatever
+their adapters; every other adapter has its own). One `step()`:
+  1. feeds every running row its last sampled token (one forward per batch, KV cache reused),
+     samples the next token per row with the row's own settings, and drops rows that finished
+     (EOS, `max_tokens`, a stop sequence) or were cancelled, freeing their KV rows;
+  2. prefills the sequences that arrived meanwhile (one left-padded forward per model), samples
+     their first token and merges their KV rows into the running batch.
+So a request arriving mid-generation starts at the next step instead of waiting for the batch to
+end, and a long request never holds the model between steps.
+
+Prompt-learning adapters (prefix, prompt tuning, P-tuning) rebuild their virtual tokens in every
+PEFT forward, which cannot continue from a cache: their rows run one at a time without a cache
+(each step recomputes the sequence). Slower, same outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+BASE = "__base__"
+
+
+@dataclass
+class Sampling:
+    """One sequence's decoding settings (OpenAI's fields)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the top k
+    seed: int | None = None
+
+
+@dataclass
+class Sequence:
+    """A prompt being continued: its tokens, its outputs so far, how to report them."""
+
+    adapter: Any  # engine.Loaded, or None for the bare base
+    runner: Any  # engine.Runner
+    prompt: list[int]
+    sampling: Sampling
+    on_text: Callable[[str], None] | None = None  # streamed text pieces, called from the decoding thread
+    on_done: Callable[[], None] | None = None  # called from the decoding thread once finished
+    error: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> str | None:
+        return self.adapter.key if self.adapter is not None else None
+
+    def result(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"error": self.error}
+        return {"text": self.text, "finish_reason": self.finish_reason, "completion_tokens": len(self.tokens),
+                "prompt_tokens": len(self.prompt),
+                "logprobs": self.logprobs if self.sampling.logprobs is not None else None}
+
+
+class Decoder:
+    """The running batches of one engine; `step()` is called by the thread that owns the model."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.eos = _eos_ids(engine)
+        self.waiting: deque[Sequence] = deque()
+        self.batches: dict[int, _Batch] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, seq: Sequence) -> Sequence:
+        if seq.sampling.temperature > 0:
+            seq.generator = torch.Generator()
+            if seq.sampling.seed is not None:
+                seq.generator.manual_seed(seq.sampling.seed)
+            else:
+                seq.generator.seed()
+        with self._lock:
+            self.waiting.append(seq)
+        return seq
+
+    def running(self) -> int:
+        return sum(len(b.seqs) for b in self.batches.values())
+
+    def pending(self) -> int:
+        return len(self.waiting) + self.running()
+
+    @torch.inference_mode()
+    def step(self, max_rows: int | None = None) -> None:
+        """One decode step for every running row, then prefill of arrivals (up to max_rows running)."""
+        with self.engine.lock:
+            for key, batch in list(self.batches.items()):
+                batch.decode(self)
+                if not batch.seqs:
+                    del self.batches[key]
+            room = len(self.waiting) if max_rows is None else max(0, max_rows - self.running())
+            with self._lock:
+                arrived = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            groups: dict[int, list[Sequence]] = {}
+            for seq in arrived:
+                if seq.cancelled:
+                    self.finish(seq, "cancelled")
+                else:
+                    groups.setdefault(id(seq.runner), []).append(seq)
+            for key, seqs in groups.items():
+                batch = self.batches.get(key)
+                if batch is None:
+                    batch = self.batches[key] = _Batch(seqs[0].runner)
+                batch.admit(self, seqs)
+                if not batch.seqs:
+                    del self.batches[key]
+
+    def run(self, seqs: list[Sequence]) -> list[dict[str, Any]]:
+        """Submit and step until these sequences are done (callers that own the model: tests, benchmarks)."""
+        for seq in seqs:
+            self.submit(seq)
+        while not all(s.done.is_set() for s in seqs):
+            self.step()
+        return [s.result() for s in seqs]
+
+    # ---- per-token bookkeeping -------------------------------------------------------------------
+
+    def choose(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per row, record it, and finish rows that are done."""
+        logits = logits.float()
+        for seq, row in zip(seqs, logits):
+            s = seq.sampling
+            if s.temperature <= 0:
+                token = int(row.argmax())
+            else:
+                token = int(torch.multinomial(_nucleus(row / s.temperature, s.top_p), 1, generator=seq.generator))
+            if s.logprobs is not None and token not in self.eos:
+                seq.logprobs.append(self._logprob(row, token, s.logprobs))
+            self.advance(seq, token)
+
+    def advance(self, seq: Sequence, token: int) -> None:
+        if seq.cancelled:
+            return self.finish(seq, "cancelled")
+        if token in self.eos:
+            return self.finish(seq, "stop")
+        seq.tokens.append(token)
+        text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        cut = min((i for i in (text.find(stop) for stop in seq.sampling.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            seq.text = text[:cut]
+            return self.finish(seq, "stop")
+        seq.text = text
+        if len(seq.tokens) >= seq.sampling.max_tokens:
+            return self.finish(seq, "length")
+        self._emit(seq, _held_back(text, seq.sampling.stop))
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+            if seq.sampling.logprobs is not None and reason == "stop" and seq.sampling.stop:
+                seq.logprobs = _logprobs_within(seq.logprobs, len(seq.text))
+            self._emit(seq, seq.text)
+            seq.done.set()
+            if seq.on_done is not None:
+                seq.on_done()
+
+    def fail_all(self, err: BaseException) -> None:
+        """A step failed: its rows (and what waits) end with the error; the batcher starts afresh."""
+        message = _one_line(err)
+        with self._lock:
+            seqs, self.waiting = list(self.waiting), deque()
+        seqs += [seq for batch in self.batches.values() for seq in batch.seqs]
+        self.batches = {}
+        for seq in seqs:
+            seq.error = message
+            self.finish(seq, "error")
+
+    def _emit(self, seq: Sequence, visible: str) -> None:
+        if seq.on_text is not None and len(visible) > seq.emitted:
+            piece, seq.emitted = visible[seq.emitted:], len(visible)
+            seq.on_text(piece)
+
+    def _logprob(self, row: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+        logprobs = row.log_softmax(-1)
+        entry = {"token": self.tokenizer.decode([token]), "logprob": float(logprobs[token]), "top": []}
+        if top:
+            values, ids = logprobs.topk(top)
+            entry["top"] = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+        return entry
+
+
+class _Batch:
+    """The rows running on one model: their KV cache (rows x positions, left-padded) and mask."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.seqs: list[Sequence] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None
+        self.last: list[int] = []
+        self.cached = not _prompt_learning(runner.model)
+
+    def decode(self, decoder: Decoder) -> None:
+        live = [i for i, s in enumerate(self.seqs) if s.finish_reason is None and not s.cancelled]
+        for seq in self.seqs:
+            if seq.cancelled:
+                decoder.finish(seq, "cancelled")
+        self._keep(live)
+        if not self.seqs:
+            return
+        if not self.cached:
+            for seq in self.seqs:
+                decoder.choose([seq], self._recompute(seq))
+        else:
+            ids = torch.tensor([[t] for t in self.last])
+            self.mask = torch.cat([self.mask, torch.ones(len(self.seqs), 1, dtype=self.mask.dtype)], dim=1)
+            positions = (self.mask.sum(-1, keepdim=True) - 1)
+            logits = self._forward(ids, self.mask, positions, self.cache, [s.key for s in self.seqs])
+            decoder.choose(self.seqs, logits)
+        self._after(decoder)
+
+    def admit(self, decoder: Decoder, seqs: list[Sequence]) -> None:
+        if not self.cached:
+            for seq in seqs:
+                decoder.choose([seq], self._recompute(seq))
+            self.seqs += seqs
+            self._after(decoder)
+            return
+        from transformers import DynamicCache
+
+        width = max(len(s.prompt) for s in seqs)
+        pad = decoder.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [s.key for s in seqs])
+        decoder.choose(seqs, logits)
+        self._merge(seqs, cache, mask)
+        self._after(decoder)
+
+    def _after(self, decoder: Decoder) -> None:
+        """Drop finished rows (their KV rows go) and remember each live row's unfed token."""
+        self._keep([i for i, s in enumerate(self.seqs) if s.finish_reason is None])
+        self.last = [s.tokens[-1] for s in self.seqs]
+
+    def _forward(self, ids, mask, positions, cache, keys: list[str | None]) -> torch.Tensor:
+        runner = self.runner
+        kwargs: dict[str, Any] = {}
+        gathered = runner.gathered if runner.mixed and runner.gathered is not None and runner.gathered.covers(keys) \
+            else None
+        if runner.mixed and gathered is None:
+            kwargs["adapter_names"] = [k or BASE for k in keys]
+        if gathered is not None:
+            with gathered.rows(keys):
+                out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True)
+        else:
+            out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                               use_cache=True, **kwargs)
+        return out.logits[:, -1]
+
+    def _recompute(self, seq: Sequence) -> torch.Tensor:
+        ids = torch.tensor([seq.prompt + seq.tokens])
+        return self.runner.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+
+    def _merge(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+        if self.cache is None or not self.seqs:
+            self.cache, self.mask, self.seqs = cache, mask, list(seqs)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
+        self.seqs += seqs
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in rows]
+        self.last = [s.tokens[-1] for s in self.seqs]  # live rows always hold their unfed token
+        if not self.cached or self.cache is None:
+            return
+        if not rows:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(rows)
+        self.mask = self.mask[index]
+        start = int((self.mask.sum(0) > 0).int().argmax())  # columns that are padding for every row go
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    probs = logits.softmax(-1)
+    if top_p >= 1:
+        return probs
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(-1) - ordered < top_p  # the smallest prefix whose mass reaches top_p
+    filtered = torch.zeros_like(probs).scatter(0, order, ordered * keep)
+    return filtered / filtered.sum()
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> str:
+    """The part of `text` safe to stream: not a half-decoded character, not the start of a stop sequence."""
+    text = text.rstrip("\ufffd")
+    hold = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return text[: len(text) - hold]
+
+
+def _logprobs_within(entries: list[dict[str, Any]], length: int) -> list[dict[str, Any]]:
+    """The logprobs of the tokens that make up the returned text (a stop sequence is cut off)."""
+    kept, used = [], 0
+    for entry in entries:
+        if used >= length:
+            break
+        kept.append(entry)
+        used += len(entry["token"])
+    return kept
+
+
+def _eos_ids(engine) -> set[int]:
+    ids = {engine.tokenizer.eos_token_id}
+    configured = getattr(getattr(engine.base, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def _prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"generation failed: {(lines[0] if lines else type(err).__name__)[:300]}"

@@ -1,0 +1,130 @@
+"""The replica's engine loop: one thread owns the model and runs every request in steps.
+
+Generation requests become sequences of the engine's continuous batcher (`decode.Decoder`): they
+join the running batch at the next step and leave it when done, so nothing holds the model for a
+whole generation. Classification requests that arrived meanwhile run between two decode steps as
+one batched forward. The queue is bounded: a request that finds `max_queue` others waiting is
+refused (HTTP 429) rather than parked without limit. A request whose caller went away (HTTP
+disconnect cancels the Serve call) is marked cancelled and leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from onebase.serve.artifacts import AdapterError
+
+
+class QueueFull(AdapterError):
+    """Too many requests waiting on this replica."""
+
+    status = 429
+
+
+class Scheduler:
+    def __init__(self, engine, max_rows: int, max_queue: int, wait_s: float) -> None:
+        self.engine, self.batcher = engine, engine.batcher
+        self.max_rows, self.max_queue, self.wait_s = max_rows, max_queue, wait_s
+        self.jobs: deque[tuple[str, list, Any, asyncio.AbstractEventLoop]] = deque()  # heads' forwards
+        self.wake = threading.Condition()
+        self.steps = 0
+        threading.Thread(target=self._loop, name="onebase-scheduler", daemon=True).start()
+
+    # ---- called from the replica's event loop -------------------------------------------------
+
+    def _admit(self, count: int) -> None:
+        waiting = len(self.batcher.waiting) + sum(len(job[1]) for job in self.jobs)
+        if waiting + count > self.max_queue:
+            raise QueueFull(f"this replica has {waiting} requests waiting (max_queue {self.max_queue}); retry later")
+
+    async def predict(self, rows: list, task: str) -> list[dict[str, Any]]:
+        """A non-generating head's answers (classification, tags, spans), run between two decode steps."""
+        self._admit(len(rows))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self.wake:
+            self.jobs.append((task, rows, future, loop))
+            self.wake.notify()
+        return await future
+
+    async def generate(self, seqs: list) -> AsyncIterator[tuple[int, str | dict[str, Any]]]:
+        """(index, text piece) as the sequences produce text, then (index, result) once each is done."""
+        self._admit(len(seqs))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        for i, seq in enumerate(seqs):
+            seq.on_text = lambda piece, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, piece))
+            seq.on_done = lambda seq=seq, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, seq.result()))
+        with self.wake:
+            for seq in seqs:
+                self.batcher.submit(seq)
+            self.wake.notify()
+        left = len(seqs)
+        try:
+            while left:
+                index, item = await events.get()
+                left -= isinstance(item, dict)
+                yield index, item
+        finally:  # the caller went away (or stopped reading): free the rows at the next step
+            for seq in seqs:
+                seq.cancelled = True
+            with self.wake:
+                self.wake.notify()
+
+    # ---- the thread that owns the model --------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.jobs and not self.batcher.pending():
+                    self.wake.wait()
+                idle = not self.batcher.running()
+            if idle and self.wait_s:
+                time.sleep(self.wait_s)  # an idle replica lets a burst of requests arrive for one prefill
+            self._predict()
+            try:
+                self.batcher.step(self.max_rows)
+                self.steps += 1
+            except Exception as err:  # a failing step fails its requests, never the loop
+                self.batcher.fail_all(err)
+
+    def _predict(self) -> None:
+        with self.wake:
+            jobs, self.jobs = list(self.jobs), deque()
+        by_task: dict[str, list] = {}
+        for job in jobs:
+            by_task.setdefault(job[0], []).append(job)
+        for task, group in by_task.items():
+            self._run_heads(task, group)
+
+    def _run_heads(self, task: str, jobs: list) -> None:
+        """One batched forward for every job of a task; a failure fails those jobs alone."""
+        rows = [row for _, job_rows, _, _ in jobs for row in job_rows]
+        try:
+            results: list[Any] = self.engine.predict(rows, task)
+        except Exception as err:
+            if len(jobs) > 1:  # find the culprit: the others must not fail with it
+                for job in jobs:
+                    self._run_heads(task, [job])
+                return
+            results = [err] * len(rows)
+        start = 0
+        for _, job_rows, future, loop in jobs:
+            part = results[start: start + len(job_rows)]
+            start += len(job_rows)
+            error = next((r for r in part if isinstance(r, Exception)), None)
+            loop.call_soon_threadsafe(_settle, future, None if error else part, error)
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():  # the request was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
