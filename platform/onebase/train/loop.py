@@ -29,6 +29,7 @@ from onebase.train.console import Reporter
 from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
 from onebase.train.ds_ops import pin_ninja
 from onebase.train.evaluate import evaluate
+from onebase.train.memory import memory_per_worker, peak_rss_mb
 from onebase.train.zero3 import partitioned_loading, resident_param_bytes
 
 STATE_FILE = "onebase_state.json"
@@ -135,12 +136,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
 
     final = evaluate(engine, eval_loader, spec.task, num_labels, device)
+    memory = memory_per_worker(engine)  # a collective: every rank
     probe = probe_outputs(engine, eval_loader, device)
     throughput = {"train_samples_per_s": train_samples / max(train_seconds, 1e-9),
                   "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "train_compute_s": train_seconds,
                   "peak_memory_mb": peak_memory_mb(device)}
     if tracker:
-        tracker.metrics({**final, **throughput}, step)
+        tracker.metrics({**final, **throughput, **memory}, step)
     if reporter:
         reporter.evaluated(step, final, final=True)
     info = {"task": spec.task, "method": spec.method.name, "method_config": spec.method.model_dump(),
@@ -156,9 +158,7 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory on GPU; on CPU the worker process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
 
 
 def make_loader(spec: JobSpec, tokenizer, rows, labels, rank: int, world: int, train: bool):

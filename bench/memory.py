@@ -1,0 +1,113 @@
+"""Memory per worker under each ZeRO stage (issue #13, item 2); prints and writes bench/results/memory.json
+and a plot (bench/results/memory.png, also logged to MLflow).
+
+Full fine-tune of the bundled SmolLM2-135M-Instruct (sentiment as an instruction), a few steps, 1 thread
+per worker. For every (stage, workers): the largest worker's model states (parameters it holds +
+optimizer states and fp32 master partitions, read from DeepSpeed's optimizer after the last step),
+its peak RSS, and its parameters right after loading (ZeRO-3 loads partitioned: zero.Init).
+
+    .venv/bin/python bench/memory.py                       # stages 0,1,2,3,3+offload x 1,2,4 workers
+    .venv/bin/python bench/memory.py --workers 1 2 --steps 2   # what 2 cores hold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "tweet-sentiment-smollm2-lora.yaml"
+CONFIGS = [(0, False), (1, False), (2, False), (3, False), (3, True)]
+
+
+def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from onebase.spec import load_spec
+    from onebase.train.launch import run_job
+
+    name = f"bench-memory-z{stage}{'-offload' if offload else ''}-w{workers}"
+    spec = load_spec(JOB, [f"name={name}", "method={name: full}", f"train.max_steps={steps}", "train.batch_size=2",
+                           "data.max_length=48", "data.validation.max_samples=8", "train.eval_batch_size=8",
+                           f"scaling.num_workers={workers}", "scaling.resources_per_worker={CPU: 1}",
+                           f"deepspeed.stage={stage}", f"deepspeed.offload_param={str(offload and stage == 3).lower()}",
+                           f"deepspeed.offload_optimizer={str(offload).lower()}", "tracking.register_model=false"])
+    started = time.perf_counter()
+    result = run_job(spec, JOB.read_text(), tracking_uri=uri, echo=lambda *_: None, progress=False)
+    metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
+    keys = ("model_state_mb_per_worker", "param_mb_per_worker", "optimizer_state_mb_per_worker",
+            "peak_rss_mb_per_worker", "loaded_param_mb_per_worker")
+    return {"stage": stage, "offload": offload, "workers": workers, "wall_s": round(time.perf_counter() - started, 1),
+            **{k: round(metrics[k], 1) for k in keys if k in metrics}, "run_id": result.run_id}
+
+
+def plot(rows: list[dict], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for stage, offload in CONFIGS:
+        mine = sorted((r for r in rows if r["stage"] == stage and r["offload"] == offload), key=lambda r: r["workers"])
+        if not mine:
+            continue
+        label = f"ZeRO-{stage}{' + offload' if offload else ''}"
+        for ax, key in zip(axes, ("model_state_mb_per_worker", "peak_rss_mb_per_worker")):
+            ax.plot([r["workers"] for r in mine], [r.get(key, 0) for r in mine], marker="o", label=label)
+    for ax, title in zip(axes, ("model states per worker (MiB)", "peak RSS per worker (MiB)")):
+        ax.set_xlabel("workers")
+        ax.set_title(title)
+        ax.set_xticks(sorted({r["workers"] for r in rows}))
+    axes[0].legend()
+    fig.suptitle("SmolLM2-135M full fine-tune, fp32, CPU")
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--stages", nargs="+", default=["0", "1", "2", "3", "3+offload"])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="onebase-memory-", dir="/tmp"))
+    os.chdir(work)
+    os.environ.setdefault("RAY_TMPDIR", str(work / "ray"))
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    from onebase.train.launch import connect_ray
+
+    connect_ray(None, quiet=True)
+    wanted = [(int(s.split("+")[0]), s.endswith("+offload")) for s in args.stages]
+    rows = []
+    for stage, offload in wanted:
+        for workers in args.workers:
+            if stage > 0 and workers == 1 and not offload:
+                continue  # one worker has nothing to partition: the same as ZeRO-0
+            row = one_run(stage, offload, workers, args.steps, uri)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    target = REPO / "bench" / "results"
+    target.mkdir(parents=True, exist_ok=True)
+    plot(rows, target / "memory.png")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_name="bench-memory"):
+        mlflow.log_artifact(str(target / "memory.png"))
+        mlflow.log_dict({"rows": rows}, "memory.json")
+    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+           "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(), "steps": args.steps,
+           "model": "smollm2-135m-instruct (full fine-tune, fp32)", "rows": rows, "mlflow": uri}
+    print(json.dumps(out, indent=2))
+    (target / "memory.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
