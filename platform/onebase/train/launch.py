@@ -178,6 +178,8 @@ def quiet_driver_loggers() -> None:
     """MLflow's store set-up and Ray Train's driver-side INFO lines: kept for --verbose."""
     import logging
 
+    import mlflow  # noqa: F401 - mlflow sets its loggers' level when first imported: import it first
+
     for name in ("mlflow", "alembic", "ray", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
