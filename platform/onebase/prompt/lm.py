@@ -66,19 +66,38 @@ class PrefixLM:
                                  logits_to_keep=keep)
         return out.logits, mask, out.past_key_values, positions[:, -1]
 
-    def loglik(self, rows: list[list[int]], conts: list[list[int]], batch_size: int = 16) -> list[float]:
-        """Sum log p(cont | prefix + row) for each pair, the lm-evaluation-harness way."""
-        scores: list[float] = []
+    def loglik(self, rows: list[list[int]], choices: list[list[int]], batch_size: int = 16) -> list[list[float]]:
+        """Sum log p(choice | prefix + row) for every row and every choice, the lm-evaluation-harness way.
+
+        Each row runs once; its KV cache is then shared by the choices (a new cache object per choice,
+        so no choice sees another's tokens), which makes scoring 3 labels cost little more than 1.
+        """
+        scores: list[list[float]] = []
         for start in range(0, len(rows), batch_size):
-            chunk = list(zip(rows[start: start + batch_size], conts[start: start + batch_size]))
-            keep = max(len(c) for _, c in chunk) + 1
-            logits, _, _, _ = self.forward([r + c for r, c in chunk], keep=keep)
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for i, (_, cont) in enumerate(chunk):
-                # Rows are left-padded: the continuation is the last len(cont) tokens of every row.
-                at = torch.arange(keep - len(cont) - 1, keep - 1)
-                scores.append(float(logprobs[i, at, torch.tensor(cont)].sum()))
+            chunk = rows[start: start + batch_size]
+            logits, mask, cache, last_pos = self.forward(chunk, keep=1)
+            first = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            per_choice = [self._choice(first, mask, cache, last_pos, choice) for choice in choices]
+            scores += [[per_choice[j][i] for j in range(len(choices))] for i in range(len(chunk))]
         return scores
+
+    def _choice(self, first: torch.Tensor, mask: torch.Tensor, cache, last_pos: torch.Tensor,
+                choice: list[int]) -> list[float]:
+        from transformers import DynamicCache
+
+        total = first[:, choice[0]].clone()
+        if len(choice) > 1:
+            batch, rest = first.shape[0], len(choice) - 1
+            fork = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in cache.layers])
+            ids = torch.tensor([choice[:-1]] * batch)
+            with torch.no_grad():
+                out = self.model(input_ids=ids, attention_mask=torch.cat([mask, torch.ones((batch, rest),
+                                                                                          dtype=torch.long)], 1),
+                                 position_ids=last_pos[:, None] + torch.arange(1, rest + 1), past_key_values=fork,
+                                 use_cache=True)
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+            total += logprobs[:, torch.arange(rest), torch.tensor(choice[1:])].sum(-1)
+        return total.tolist()
 
     def generate(self, rows: list[list[int]], max_new_tokens: int, stop_ids: set[int],
                  sampling: Sampling | None = None) -> list[list[int]]:

@@ -129,16 +129,15 @@ class ProgramRunner:
         """Label probabilities after each row: logsumexp over a label's verbalizers, softmax over labels."""
         lead = self.lead if lead is None else lead
         labels = self.program.labels or {}
-        pairs = [(r, label, text_ids(self.tokenizer, lead + word)) for r in rows
-                 for label, words in labels.items() for word in words]
-        scores = self.lm.loglik([r for r, _, _ in pairs], [c for _, _, c in pairs], self.batch_size * 4)
-        per_row, at = [], 0
-        for _ in rows:
-            row_scores = []
+        choices = [text_ids(self.tokenizer, lead + word) for words in labels.values() for word in words]
+        scores = self.lm.loglik(rows, choices, self.batch_size)
+        per_row = []
+        for row_scores in scores:  # a label's score: logsumexp over its verbalizers
+            at, merged = 0, []
             for words in labels.values():
-                row_scores.append(float(torch.logsumexp(torch.tensor(scores[at: at + len(words)]), 0)))
+                merged.append(float(torch.logsumexp(torch.tensor(row_scores[at: at + len(words)]), 0)))
                 at += len(words)
-            per_row.append(row_scores)
+            per_row.append(merged)
         probs = calibration.label_probs(per_row)
         if calibrated and self.program.calibration.mode == "contextual":
             if self.program.calibration.p_cf is None:
