@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -28,6 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from figures import header, save  # noqa: E402
+
 JOB = REPO / "jobs" / "tweet-sentiment-lora.yaml"
 FIRST_STEP = re.compile(r"step 1/\d+")
 MARKS = {"checked_s": re.compile(r"^data: "), "ray_and_mlflow_s": re.compile(r"mlflow run|^ray dashboard")}
@@ -91,16 +92,12 @@ def main() -> None:
     runs = [one_run(work, {**base, "PATH": variants[label]}, args.steps, label)
             for _ in range(args.repeat) for label in variants]
     firsts = [r["first_step_s"] for r in runs if "first_step_s" in r]
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-           "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(), "steps": args.steps,
+    out = {**header(), "steps": args.steps,
            "job": JOB.name, "runs": runs,
            "first_step_s": {"median": statistics.median(firsts), "min": min(firsts), "max": max(firsts)}
            if firsts else None,
            "rebuilds": sum(r["shm_comm_rebuilt"] for r in runs)}
-    print(json.dumps(out, indent=2))
-    target = REPO / "bench" / "results" / "coldstart.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(out, indent=2))
+    save("coldstart", out)
 
 
 if __name__ == "__main__":

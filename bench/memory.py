@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -102,11 +101,11 @@ def main() -> None:
     with mlflow.start_run(run_name="bench-memory"):
         mlflow.log_artifact(str(target / "memory.png"))
         mlflow.log_dict({"rows": rows}, "memory.json")
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-           "date": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(), "steps": args.steps,
-           "model": "smollm2-135m-instruct (full fine-tune, fp32)", "rows": rows, "mlflow": uri}
-    print(json.dumps(out, indent=2))
-    (target / "memory.json").write_text(json.dumps(out, indent=2))
+    sys.path.insert(0, str(REPO / "bench"))
+    from figures import header, save
+
+    save("memory", {**header(), "steps": args.steps, "model": "smollm2-135m-instruct (full fine-tune, fp32)",
+                    "rows": rows, "mlflow": uri})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 (b) quality: bundled tweet sentiment on MiniLM, LoRA vs full fine-tune vs the majority class.
 
     .venv/bin/python bench/train.py            # both parts (~25 min on 2 CPU cores)
-    .venv/bin/python bench/train.py --part a   # overhead only
+    .venv/bin/python bench/train.py --part a   # overhead only (3 rounds: median and spread)
+    .venv/bin/python bench/train.py --part a --repeat 2 --steps 20   # cut down
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +31,7 @@ def onebase(job: Path, overrides: list[str]) -> dict:
 
     spec = load_spec(job, overrides)
     started = time.perf_counter()
-    result = run_job(spec, job.read_text(), echo=lambda *_: None)
+    result = run_job(spec, job.read_text(), echo=lambda *_: None, progress=False)
     wall = time.perf_counter() - started
     client_metrics = result.metrics
     from mlflow.tracking import MlflowClient
@@ -42,20 +42,29 @@ def onebase(job: Path, overrides: list[str]) -> dict:
             **{k: client_metrics[k] for k in ("accuracy", "macro_f1") if k in client_metrics}}
 
 
-def part_a(threads: int, steps: int) -> dict:
+def part_a(threads: int, steps: int, repeat: int) -> dict:
+    """`repeat` rounds, each running the plain loop, ZeRO-0 and ZeRO-2 back to back (so machine noise
+    hits all three alike); the ratio is taken within a round, then the median and spread over rounds."""
+    import statistics
+
     from plain_loop import plain_train
 
     common = [f"train.max_steps={steps}", "train.eval_every_steps=null", "data.validation.max_samples=64",
               f"scaling.resources_per_worker={{CPU: {threads}}}", "tracking.register_model=false"]
-    plain = plain_train(str(LORA_JOB), threads, steps)
-    runs = {"plain_peft_loop": {"samples_per_s": plain["samples_per_s"]}}
-    for stage in (0, 2):
-        runs[f"onebase_zero{stage}"] = onebase(LORA_JOB, [*common, f"deepspeed.stage={stage}",
-                                                          f"name=bench-overhead-z{stage}"])
-    for stage in (0, 2):
-        runs[f"onebase_zero{stage}"]["plain_over_onebase"] = (
-            plain["samples_per_s"] / runs[f"onebase_zero{stage}"]["samples_per_s"])
-    return {"steps": steps, "threads": threads, "batch_size": 32, "runs": runs}
+    rounds = []
+    for i in range(repeat):
+        plain = plain_train(str(LORA_JOB), threads, steps)["samples_per_s"]
+        row = {"plain_peft_loop": plain}
+        for stage in (0, 2):
+            run = onebase(LORA_JOB, [*common, f"deepspeed.stage={stage}", f"name=bench-overhead-z{stage}-{i}"])
+            row[f"onebase_zero{stage}"] = run["samples_per_s"]
+            row[f"zero{stage}_over_plain"] = plain / run["samples_per_s"]  # time per sample, onebase / plain
+        print(json.dumps(row), flush=True)
+        rounds.append(row)
+    summary = {key: {"median": statistics.median(r[key] for r in rounds), "min": min(r[key] for r in rounds),
+                     "max": max(r[key] for r in rounds)} for key in rounds[0]}
+    return {"steps": steps, "threads": threads, "batch_size": 32, "repeat": repeat, "rounds": rounds,
+            "summary": summary}
 
 
 def part_b(threads: int) -> dict:
@@ -81,18 +90,17 @@ def main() -> None:
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     os.chdir(tempfile.mkdtemp(prefix="onebase-bench-"))  # its own mlflow.db and runs/
-    out = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-           "date": time.strftime("%Y-%m-%d")}
+    from figures import header, save
+
+    out = header()
     if args.part in ("a", "all"):
-        out["overhead"] = part_a(args.threads, args.steps)
+        out["overhead"] = part_a(args.threads, args.steps, args.repeat)
     if args.part in ("b", "all"):
         out["quality"] = part_b(args.threads)
-    print(json.dumps(out, indent=2))
-    target = REPO / "bench" / "results" / "train.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(out, indent=2))
+    save("train", out)
 
 
 if __name__ == "__main__":
