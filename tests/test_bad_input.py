@@ -6,8 +6,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from conftest import onebase_cli, tiny_spec, write_spec
 
 
@@ -32,7 +30,7 @@ def run_bad(workspace, spec: dict, command: str = "run") -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("change, expected", [
+SPEC_ERRORS = [
     ({"trian": {}}, "trian: unknown field"),
     ({"train": {"learning_rate": -1}}, "train.learning_rate"),
     ({"task": "translation"}, "task"),
@@ -45,10 +43,16 @@ def run_bad(workspace, spec: dict, command: str = "run") -> str:
     ({"data": {"source": "bundled:tweet-sentiment", "columns": {"txt": "x"}}}, "unknown role 'txt'"),
     ({"name": "../escape"}, "name: use letters"),
     ({"model": {"init": "pretrained", "config_overrides": {"hidden_size": 8}}}, "needs init: random"),
-])
-def test_spec_errors_name_the_field(workspace, change, expected):
-    line = run_bad(workspace, tiny_spec("bad-spec", **change))
-    assert expected in line
+]
+
+
+def test_spec_errors_name_the_field(workspace):
+    paths = [write_spec(workspace / f"bad-spec-{i}.yaml", tiny_spec("bad-spec", **change))
+             for i, (change, _) in enumerate(SPEC_ERRORS)]
+    results, ray_tmp = run_batch(workspace, [["run", str(path)] for path in paths])
+    for (_, expected), result in zip(SPEC_ERRORS, results):
+        assert expected in assert_one_line_exit_2(result)
+    assert not ray_sessions(ray_tmp), "Ray must not start for bad input"
 
 
 def test_missing_model_and_data(workspace):
@@ -78,10 +82,12 @@ def test_jsonl_errors(workspace):
 def test_validate_command_accepts_the_shipped_jobs(workspace):
     from conftest import REPO
 
-    for job in sorted((REPO / "jobs").glob("*.yaml")):
-        result = onebase_cli("validate", str(job), cwd=workspace, timeout=60)
-        assert result.returncode == 0, f"{job.name}: {result.stderr}"
-        assert ": ok (" in result.stdout
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
+    results, ray_tmp = run_batch(workspace, [["validate", str(job)] for job in jobs])
+    for job, result in zip(jobs, results):
+        assert result["code"] == 0, f"{job.name}: {result['stderr']}"
+        assert ": ok (" in result["stdout"]
+    assert not ray_sessions(ray_tmp), "validate never starts Ray"
 
 
 def test_set_override_is_validated(workspace):
