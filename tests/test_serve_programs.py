@@ -10,7 +10,6 @@ same rows. A generation program (a plain local dir in the Serve config) answers 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +84,7 @@ def server(ray_cluster, base, fingerprint, evaluated, tmp_path_factory):
 
     from onebase.prompt import save_program
     from onebase.serve.app import build
+    from onebase.serve.client import Client
 
     root = tmp_path_factory.mktemp("prog-serving")
     generation = save_program(generation_program(base, fingerprint), root / "echo-prompt")
@@ -99,14 +99,7 @@ def server(ray_cluster, base, fingerprint, evaluated, tmp_path_factory):
             "limits": {"max_prompt_tokens": 64, "max_tokens": 32, "max_inputs": 8}}
     serve.run(build(args), name="onebase-programs", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=60).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
+    Client(url).wait_ready(180)
     yield {"url": url, "root": root, "generation": generation}
     serve.delete("onebase-programs")
     serve.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import requests
@@ -21,6 +22,18 @@ class Client:
         self.api_key = api_key or os.environ.get("ONEBASE_API_KEY")
         self.admin_token = admin_token or os.environ.get("ONEBASE_ADMIN_TOKEN")
         self.timeout = timeout
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        """Return once the endpoint answers /healthz (a fresh Serve app loads its bases first)."""
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=60).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise ServeError(f"{self.url}: not ready after {timeout_s:.0f} s")
 
     def models(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/models")["data"]
