@@ -8,6 +8,8 @@ import torch
 
 from onebase.spec.schema import JobSpec
 
+ZERO3_BUCKET = 50_000_000  # elements (200 MB in fp32): ZeRO-3's gradient bucket and parameter prefetch
+
 
 def resolve_precision(requested: str, on_gpu: bool) -> str:
     """auto: bf16 on GPUs that support it, fp32 otherwise (CPU training stays fp32)."""
@@ -23,6 +25,10 @@ def deepspeed_config(spec: JobSpec, precision: str) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    if ds.stage == 3:
+        # ZeRO-3 allocates its gradient bucket up front at reduce_bucket_size elements (default 5e8: 2 GB in
+        # fp32), more than a small model's gradients: per-worker memory then grew instead of shrinking.
+        zero.update({"reduce_bucket_size": ZERO3_BUCKET, "stage3_prefetch_bucket_size": ZERO3_BUCKET})
     return {
         "train_micro_batch_size_per_gpu": spec.train.batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
