@@ -134,9 +134,12 @@ class Gateway:
         """Wait until every replica of the base holds the new revision (each loads the catalog's
         active entries within about a second); the count of replicas holding it."""
         deadline = time.monotonic() + SPREAD_TIMEOUT_S
+        # The configured count: a replica that has not reported yet (just started) is still waited for.
+        replicas = next(b.replicas for b in self.args.bases if b.model_name == base)
         while True:
             holders = len(await self.catalog.holders.remote(key))
-            if holders >= await self.catalog.replica_count.remote(base) or time.monotonic() > deadline:
+            if holders >= max(replicas, await self.catalog.replica_count.remote(base)) or \
+                    time.monotonic() > deadline:
                 return holders
             await asyncio.sleep(0.25)
 
