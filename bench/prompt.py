@@ -59,7 +59,8 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 class Sentiment:
-    def __init__(self, model, tokenizer, rows: int) -> None:
+    def __init__(self, model, tokenizer, rows: int, pool: int = 2000) -> None:
+        self.pool = pool  # `similar`: training rows searched for each query's neighbours
         self.spec = load_program_spec(JOBS / "prompt-tweet-sentiment-zero-shot.yaml")
         self.prepared = prepare(self.spec)
         self.queries, self.golds = self.prepared.queries[:rows], self.prepared.golds[:rows]
@@ -72,7 +73,7 @@ class Sentiment:
 
     def run(self, k: int, seed: int, selection: str = "random", demo_labels: str = "gold") -> dict:
         spec = self.spec.model_copy(update={"demos": self.spec.demos.model_copy(
-            update={"k": k, "seed": seed, "selection": selection, "labels": demo_labels})})
+            update={"k": k, "seed": seed, "selection": selection, "labels": demo_labels, "pool": self.pool})})
         program = build_program(spec, self.prepared.dataset.train, self.labels, "bench")
         runner = ProgramRunner(self.model, self.tokenizer, program, batch_size=8)
         started = time.perf_counter()
@@ -92,7 +93,7 @@ class Sentiment:
 
 
 def sentiment_section(model, tokenizer, args) -> dict:
-    bench = Sentiment(model, tokenizer, args.rows)
+    bench = Sentiment(model, tokenizer, args.rows, args.pool)
     out: dict = {"rows": len(bench.queries), "majority_macro_f1": bench.majority(), "k_shot": {}}
     print(f"(a) tweet sentiment, {len(bench.queries)} held-out rows; majority class macro-F1 "
           f"{out['majority_macro_f1']:.3f}")
@@ -199,6 +200,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="demo seeds per k")
     parser.add_argument("--ks", type=lambda s: [int(k) for k in s.split(",")], default=[0, 1, 2, 4, 8, 16])
     parser.add_argument("--ablation-k", type=int, default=8)
+    parser.add_argument("--pool", type=int, default=2000, help="similar selection: candidate training rows")
     parser.add_argument("--reasoning-rows", type=int, default=200)
     parser.add_argument("--sc", type=lambda s: [int(n) for n in s.split(",")], default=[5, 10])
     parser.add_argument("--latency-requests", type=int, default=40)

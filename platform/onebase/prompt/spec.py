@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from onebase.errors import SpecError
 from onebase.spec.load import apply_override, describe, read_yaml
-from onebase.spec.schema import _NAME, DataSpec, JobSpec, OutputSpec, Strict, TrackingSpec
+from onebase.spec.schema import DataSpec, JobSpec, OutputSpec, Strict, TrackingSpec
 
 KIND = "prompt-program"
 QUERY_SLOT = "input"
@@ -113,12 +113,8 @@ class ProgramSpec(Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
-    @field_validator("name")
-    @classmethod
-    def _name_is_safe(cls, name: str) -> str:
-        if not _NAME.match(name):
-            raise ValueError("use letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)")
-        return name
+    # The job spec's own rule (a program's name becomes a folder and a registered model name too).
+    _name_is_safe = field_validator("name")(classmethod(JobSpec._name_is_safe.__func__))
 
     @field_validator("template")
     @classmethod
