@@ -6,9 +6,19 @@
 (b) hot-load latency p50/p95 with 1, 10 and 100 adapters already resident (the replica's load path).
 (c) RSS growth for 100 adapters vs the bytes of their tensors, and vs 100 separate model copies.
 
+(d) issue #12, engine level (in-process, no HTTP): tokens/s at batch 16 with 1, 10 and 100 distinct
+    LoRA adapters resident (r=8), the gathered LoRA forward and PEFT's mixed forward side by side.
+(e) issue #12, through HTTP: Poisson arrivals at a fixed offered load, `max_tokens` drawn from 4-64,
+    streamed requests (time to first token, per-token latency), 10 and 100 adapters, against naive
+    serving (plain PEFT, one request at a time, set_adapter per request, the same request mix); the
+    same load again beside one long streaming request (its effect on the others' p95).
+(f) issue #12, hot load through the admin API end to end (fetch, checks, every replica) at 1, 10, 100
+    adapters resident.
+
     .venv/bin/python bench/serve.py                 # ~5 min on 2 cores
     .venv/bin/python bench/serve.py --requests 32   # quicker, noisier
-Prints and writes bench/results/serve.json.
+    .venv/bin/python bench/serve.py --engine --poisson 40 --rate 4   # (d)-(f) only -> bench/results/serve-12.json
+Prints and writes bench/results/serve.json (serve-12.json for the issue #12 figures).
 """
 
 from __future__ import annotations
@@ -196,7 +206,8 @@ def http_load(url: str, models: list[str], requests_total: int, concurrency: int
             "new_tokens_per_request": sum(tokens) / max(len(tokens), 1)}
 
 
-def server_figures(adapters: list[Path], requests_total: int, concurrency: int) -> dict:
+def start_server(base: dict, max_tokens: int) -> str:
+    """A real onebase Serve app for SmolLM2 on local Ray (one replica, 2 threads); its URL once healthy."""
     import requests
     from ray import serve
 
@@ -208,11 +219,10 @@ def server_figures(adapters: list[Path], requests_total: int, concurrency: int) 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"bases": [{"name": "smollm2-135m-instruct", "alias": "smollm2", "threads": 2, "cpus": 1,
-                       "max_adapters": 128, "max_batch_size": 16, "batch_wait_ms": BATCH_WAIT_MS}],
-            "auth": {"admin_token": "bench"}, "limits": {"max_tokens": NEW_TOKENS}}
+                       "max_adapters": 128, "max_batch_size": 16, **base}],
+            "auth": {"admin_token": "bench"}, "limits": {"max_tokens": max_tokens}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    admin = {"Authorization": "Bearer bench"}
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -220,6 +230,16 @@ def server_figures(adapters: list[Path], requests_total: int, concurrency: int) 
                 break
         except requests.RequestException:
             time.sleep(1)
+    return url
+
+
+def server_figures(adapters: list[Path], requests_total: int, concurrency: int) -> dict:
+    import requests
+    from ray import serve
+
+
+    url = start_server({"batch_wait_ms": BATCH_WAIT_MS}, NEW_TOKENS)
+    admin = {"Authorization": "Bearer bench"}
     results: dict[str, dict] = {}
     loaded: list[str] = []
     try:
@@ -242,14 +262,209 @@ def server_figures(adapters: list[Path], requests_total: int, concurrency: int) 
     return results
 
 
+def engine_throughput(adapters: list[Path], batch: int = 16, new_tokens: int = 24, rounds: int = 2,
+                      counts: tuple[int, ...] = COUNTS) -> dict:
+    """(d): tokens/s of one batch of `batch` rows, each row a random resident adapter."""
+    from onebase.serve.artifacts import inspect
+    from onebase.serve.engine import BaseEngine, Row
+
+    engine = BaseEngine("smollm2-135m-instruct", threads=2)
+    loaded = [engine.load(f"e{i}", inspect(p)) for i, p in enumerate(adapters[:100])]
+    gathered = loaded[0].runner.gathered
+    texts = [engine.render_chat([{"role": "user", "content": p}], None) for p in PROMPTS]
+    rng = random.Random(2)
+    figures: dict[str, dict] = {}
+    for count in counts:
+        for path in ("gathered", "peft"):
+            gathered.enabled = path == "gathered"
+            tokens, seconds = 0, 0.0
+            for _ in range(rounds):
+                rows = [Row(loaded[rng.randrange(count)], texts[k % len(texts)], max_tokens=new_tokens)
+                        for k in range(batch)]
+                started = time.perf_counter()
+                results = engine.generate(rows)
+                seconds += time.perf_counter() - started
+                tokens += sum(r["completion_tokens"] for r in results)
+            figures[f"{path}_{count}"] = {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
+            print(json.dumps({f"engine_{path}_{count}": figures[f"{path}_{count}"]}), flush=True)
+    gathered.enabled = True
+    rate = {key: value["tokens_per_s"] for key, value in figures.items()}
+    top = max(counts)
+    figures["ratios"] = {f"{path}_{top}_over_1": rate[f"{path}_{top}"] / rate[f"{path}_1"]
+                         for path in ("gathered", "peft")}
+    figures["ratios"][f"gathered_over_peft_{top}"] = rate[f"gathered_{top}"] / rate[f"peft_{top}"]
+    return figures
+
+
+def request_mix(count: int, seed: int) -> list[tuple[int, str, int]]:
+    """(adapter draw, prompt, max_tokens 4-64) per request, the same for the server and the naive loop."""
+    rng = random.Random(seed)
+    return [(rng.randrange(1 << 30), PROMPTS[k % len(PROMPTS)], rng.randint(4, 64)) for k in range(count)]
+
+
+def naive_mixed(adapters: list[Path], mix: list[tuple[int, str, int]], count: int) -> dict:
+    """Naive serving of the same request mix: one request at a time, set_adapter per request."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from onebase.model.assets import smollm2_path
+
+    path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                      str(adapters[0]), adapter_name="a0").eval()
+    for i, adapter in enumerate(adapters[1:count], start=1):
+        model.load_adapter(str(adapter), adapter_name=f"a{i}")
+    started, tokens = time.perf_counter(), 0
+    with torch.inference_mode():
+        for draw, prompt, max_tokens in mix:
+            model.set_adapter(f"a{draw % count}")
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            tokens += out.shape[1] - enc["input_ids"].shape[1]
+    elapsed = time.perf_counter() - started
+    return {"requests": len(mix), "adapters": count, "seconds": elapsed, "req_per_s": len(mix) / elapsed,
+            "tokens_per_s": tokens / elapsed}
+
+
+def poisson_load(url: str, models: list[str], mix: list[tuple[int, str, int]], rate: float,
+                 long_stream: bool = False) -> dict:
+    """(e): streamed chat requests arriving as a Poisson process of `rate` req/s."""
+    import requests
+
+    rng = random.Random(3)
+    records: list[dict] = []
+    lock = threading.Lock()
+
+    def one(model: str, prompt: str, max_tokens: int, record: bool = True) -> None:
+        began, first, pieces = time.perf_counter(), None, 0
+        with requests.post(f"{url}/v1/chat/completions", stream=True, timeout=600, json={
+                "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}) as r:
+            ok = r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith(b"data: {") and b'"content"' in line:
+                    pieces += 1
+                    first = first or time.perf_counter()
+        done = time.perf_counter()
+        if record:
+            with lock:
+                records.append({"ok": ok, "latency": done - began, "ttft": (first or done) - began,
+                                "per_token": (done - (first or done)) / max(pieces - 1, 1), "pieces": pieces})
+
+    threads = []
+    if long_stream:
+        threads.append(threading.Thread(target=one, args=(models[0], PROMPTS[0], 256, False)))
+        threads[-1].start()
+        time.sleep(0.5)
+    started = time.perf_counter()
+    for draw, prompt, max_tokens in mix:
+        time.sleep(rng.expovariate(rate))
+        t = threading.Thread(target=one, args=(models[draw % len(models)], prompt, max_tokens))
+        t.start()
+        threads.append(t)
+    for t in threads[1 if long_stream else 0:]:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if long_stream:
+        threads[0].join()
+    good = [r for r in records if r["ok"]]
+
+    def stat(key: str) -> dict:
+        values = [r[key] for r in good]
+        return {"p50": statistics.median(values), "p95": percentile(values, 0.95)} if values else {}
+
+    return {"requests": len(mix), "failed": len(records) - len(good), "offered_req_per_s": rate,
+            "seconds": elapsed, "req_per_s": len(good) / elapsed, "ttft_s": stat("ttft"),
+            "per_token_s": stat("per_token"), "latency_s": stat("latency"), "long_stream": long_stream}
+
+
+def issue12_server(adapters: list[Path], mix: list[tuple[int, str, int]], rate: float,
+                   counts: tuple[int, ...] = COUNTS) -> dict:
+    """(e) and (f) against one real server (one replica, 2 threads)."""
+    import requests
+    from ray import serve
+
+
+    url = start_server({"max_queue": 256}, 256)
+    admin = {"Authorization": "Bearer bench"}
+    results: dict[str, dict] = {"hot_load_admin": {}}
+    loaded: list[str] = []
+    try:
+        for count in counts:
+            times = []
+            while len(loaded) < count:
+                name = f"adapter{len(loaded):03d}"
+                began = time.perf_counter()
+                r = requests.post(f"{url}/admin/adapters", headers=admin, timeout=300,
+                                  json={"id": name, "source": str(adapters[len(loaded)])})
+                r.raise_for_status()
+                times.append((time.perf_counter() - began) * 1000)
+                loaded.append(name)
+            last = times[-min(len(times), 10):]  # the loads that found about `count` adapters resident
+            results["hot_load_admin"][str(count)] = {"p50_ms": statistics.median(last), "loads": len(last)}
+            if count == 1:
+                continue
+            results[f"poisson_{count}"] = poisson_load(url, loaded, mix, rate)
+            print(json.dumps({f"poisson_{count}": results[f"poisson_{count}"]}), flush=True)
+            if count == 10:
+                results["poisson_10_long_stream"] = poisson_load(url, loaded, mix, rate, long_stream=True)
+                print(json.dumps({"poisson_10_long_stream": results["poisson_10_long_stream"]}), flush=True)
+    finally:
+        serve.shutdown()
+    return results
+
+
+def issue12(args) -> None:
+    out_dir = REPO / "bench" / "results"
+    adapters = make_adapters(out_dir / "serve-adapters", 100)
+    figures: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+                                " (shared with other jobs while measured)",
+                     "date": time.strftime("%Y-%m-%d"), "model": "SmolLM2-135M-Instruct fp32"}
+    if (REPO / "bench" / "results" / "serve-12.json").is_file():  # runs of (d) and (e)/(f) add to one file
+        figures = {**json.loads((REPO / "bench" / "results" / "serve-12.json").read_text()), **figures}
+    if args.engine:
+        figures["engine"] = engine_throughput(adapters, new_tokens=args.new_tokens, rounds=args.rounds,
+                                              counts=tuple(int(c) for c in args.counts.split(",")))
+        gc.collect()
+    if args.poisson:
+        mix = request_mix(args.poisson, seed=4)
+        naive_mix = mix[: args.naive_requests]
+        counts = tuple(int(c) for c in args.counts.split(","))
+        figures["naive"] = {str(n): naive_mixed(adapters, naive_mix, n) for n in counts if n > 1}
+        print(json.dumps({"naive": figures["naive"]}), flush=True)
+        gc.collect()
+        figures["http"] = issue12_server(adapters, mix, args.rate, counts)
+        http = figures["http"]
+        figures["ratios"] = {f"poisson_{n}_over_naive": http[f"poisson_{n}"]["req_per_s"]
+                             / figures["naive"][str(n)]["req_per_s"] for n in counts if n > 1}
+        if "poisson_10_long_stream" in http:
+            figures["ratios"]["p95_latency_with_long_stream_over_without"] = (
+                http["poisson_10_long_stream"]["latency_s"]["p95"] / http["poisson_10"]["latency_s"]["p95"])
+    print(json.dumps({k: v for k, v in figures.items() if k in ("ratios", "engine")}, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serve-12.json").write_text(json.dumps(figures, indent=2))
+    print(f"wrote {out_dir / 'serve-12.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput setting")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--naive-requests", type=int, default=16)
+    parser.add_argument("--engine", action="store_true", help="issue #12 (d): engine tokens/s, gathered vs PEFT")
+    parser.add_argument("--poisson", type=int, default=0, help="issue #12 (e)+(f): requests per Poisson run")
+    parser.add_argument("--rate", type=float, default=4.0, help="offered load (req/s) of the Poisson runs")
+    parser.add_argument("--new-tokens", type=int, default=24, help="(d): new tokens per row")
+    parser.add_argument("--rounds", type=int, default=2, help="(d): batches per setting")
+    parser.add_argument("--counts", default="1,10,100", help="(d): distinct adapters resident, comma-separated")
     args = parser.parse_args()
     os.chdir(REPO)
     torch.set_num_threads(2)
+    if args.engine or args.poisson:
+        return issue12(args)
     out_dir = REPO / "bench" / "results"
     adapters = make_adapters(out_dir / "serve-adapters", 100)
     figures = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
