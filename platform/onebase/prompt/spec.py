@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from onebase.errors import SpecError
-from onebase.spec.load import apply_override, describe, read_yaml
+from onebase.spec.load import describe, read_spec_mapping
 from onebase.spec.schema import DataSpec, JobSpec, OutputSpec, Strict, TrackingSpec
 
 KIND = "prompt-program"
@@ -180,12 +180,7 @@ class ProgramSpec(Strict):
 
 def load_program_spec(path: str | Path, overrides: list[str] | None = None) -> ProgramSpec:
     path = Path(path)
-    raw = read_yaml(path, missing=f"spec file not found: {path}")
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a program spec is a YAML mapping")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return parse_program_spec(raw, source=str(path))
+    return parse_program_spec(read_spec_mapping(path, "a program spec", overrides), source=str(path))
 
 
 def parse_program_spec(raw: dict[str, Any], source: str = "spec") -> ProgramSpec:

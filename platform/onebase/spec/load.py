@@ -15,12 +15,17 @@ from onebase.spec.schema import JobSpec
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read and validate a spec file; raise SpecError with one line on any problem."""
     path = Path(path)
+    return parse_spec(read_spec_mapping(path, "a job spec", overrides), source=str(path))
+
+
+def read_spec_mapping(path: Path, what: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A spec file's YAML mapping with `--set` overrides applied; SpecError in one line otherwise."""
     raw = read_yaml(path, missing=f"spec file not found: {path}")
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a job spec is a YAML mapping")
+        raise SpecError(f"{path}: {what} is a YAML mapping")
     for item in overrides or []:
         apply_override(raw, item)
-    return parse_spec(raw, source=str(path))
+    return raw
 
 
 def read_yaml(path: Path, missing: str) -> Any:
