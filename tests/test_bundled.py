@@ -23,7 +23,8 @@ def test_onebase_run_on_bundled_minilm_registers_a_reloadable_adapter(workspace)
                          "--set", "name=minilm-cli", cwd=workspace)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
-    assert re.search(r"\[onebase\] step 10/10 \(100%\) \| loss [\d.]+ \| [\d,]+ tok/s .* ETA", out)
+    assert re.search(r"\[onebase\] step 10/10 \(100%\) \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ tok/s .* ETA", out)
+    assert re.search(r"^\[onebase\] eval at step 5: .*macro_f1 [\d.]+", out, re.M)  # shown as it comes
     assert "eval: {" in result.stdout and "macro_f1" in result.stdout
     registered = re.search(r"^registered: (\S+)/(\d+)$", result.stdout, re.M)
     assert registered, result.stdout
