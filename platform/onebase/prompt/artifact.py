@@ -2,7 +2,9 @@
 
     dir/onebase.json  {"method": "prompt-program", "format": 1, "name", "task": classification|generation,
                        "base_model", "base_sha256", "base_fingerprint" (same value, the adapters' key),
-                       "labels": [...] | null, "verbalizers": {label: [...]} | null, "metrics": {...}}
+                       "labels": [...] | null, "verbalizers": {label: [...]} | null, "metrics": {...},
+                       "adapter": null | {"path", "method", "base_model", "base_fingerprint", "export_sha256"}}
+                      (adapter: the training export the program runs on, merged into the base)
     dir/program.json  Program.model_dump(): instruction, template, demos, scoring, calibration (p_cf),
                       reasoning, self_consistency, extractor, ...
 
@@ -29,7 +31,8 @@ def manifest(program: Program, metrics: dict[str, float] | None = None) -> dict[
     return {"method": METHOD, "format": FORMAT, "name": program.name, "task": program.task,
             "base_model": program.base, "base_sha256": program.base_sha256,
             "base_fingerprint": program.base_sha256, "labels": program.label_names or None,
-            "verbalizers": program.labels, "metrics": metrics or {}}
+            "verbalizers": program.labels, "metrics": metrics or {},
+            "adapter": program.adapter.model_dump() if program.adapter else None}
 
 
 def save_program(program: Program, directory: str | Path, metrics: dict[str, float] | None = None) -> Path:

@@ -78,8 +78,13 @@ def build_program(spec: ProgramSpec, train: list[dict[str, Any]], labels: list[s
         rng = random.Random(spec.demos.seed)
         answers = list(verbalizers) if verbalizers else [d.answer for d in pool]
         pool = [d.model_copy(update={"answer": rng.choice(answers)}) for d in pool]
+    adapter = None
+    if spec.adapter:
+        from onebase.prompt.adapter import reference
+
+        adapter = reference(spec.adapter)
     return Program(
-        name=spec.name, base=spec.base, base_sha256=base_sha256, task=spec.task, labels=verbalizers,
+        name=spec.name, base=spec.base, base_sha256=base_sha256, adapter=adapter, task=spec.task, labels=verbalizers,
         instruction=spec.instruction if instruction is None else instruction, system=spec.system,
         template=spec.template, demos=[] if similar else select_demos(spec, train, labels),
         demo_selection="similar" if similar else "fixed", demo_pool=pool, k=spec.demos.k,

@@ -54,6 +54,10 @@ def prepare(spec: ProgramSpec) -> Prepared:
     if not is_decoder_only(config):
         raise SpecError(f"base: {spec.base} is not a causal LM (model type {config.model_type}); "
                         "a prompt program needs a decoder-only base")
+    if spec.adapter:
+        from onebase.prompt.adapter import check_export
+
+        check_export(spec.adapter, spec.base)
     dataset = load_dataset(spec.job_spec())
     if spec.task == "classification":
         missing = [label for label in dataset.labels or [] if label not in (spec.labels or {})]
@@ -80,11 +84,18 @@ class Workers:
         actor = ray.remote(num_cpus=spec.cpus_per_worker)(ProgramWorker)
         threads = max(1, int(spec.cpus_per_worker))
         self.actors = [actor.remote(spec.model_dump(mode="json"), model_path, threads) for _ in range(spec.workers)]
+        self.adapter = spec.adapter
 
     def fingerprint(self) -> str:
+        """The frozen base's fingerprint (before any adapter), checked against the adapter's base."""
         import ray
 
-        return ray.get(self.actors[0].fingerprint.remote())
+        fingerprint = ray.get(self.actors[0].fingerprint.remote())
+        if self.adapter:
+            from onebase.prompt.adapter import check_base_fingerprint
+
+            check_base_fingerprint(self.adapter, fingerprint)
+        return fingerprint
 
     def content_free(self, program: Program) -> list[float]:
         import ray

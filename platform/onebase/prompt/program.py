@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from onebase.prompt.adapter import AdapterRef
 from onebase.prompt.spec import CalibrationSpec, ExtractorSpec, ReasoningSpec, SelfConsistencySpec
 
 METHOD = "prompt-program"
@@ -34,7 +35,8 @@ class Program(BaseModel):
 
     name: str
     base: str
-    base_sha256: str
+    base_sha256: str  # the frozen base's, also when an adapter runs on it
+    adapter: AdapterRef | None = None  # the training export the program runs on (merged into the base)
     task: Literal["classification", "generation"]
     labels: dict[str, list[str]] | None = None  # label -> verbalizers, in label order
     instruction: str = ""

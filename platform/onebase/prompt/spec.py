@@ -92,6 +92,9 @@ class ProgramSpec(Strict):
     base: str = Field(description="bundled name, local HF dir or hub id of a causal LM")
     base_init: Literal["pretrained", "random"] = "pretrained"
     base_config_overrides: dict[str, Any] = Field(default_factory=dict)
+    adapter: str | None = Field(
+        None, description="an onebase training export (PEFT adapter or full model dir) trained on `base`: "
+                          "the program runs on base + adapter")
     task: Literal["classification", "generation"]
     labels: dict[str, list[str]] | None = Field(
         None, description="classification: label -> verbalizer strings (null: the label itself)")
@@ -115,6 +118,16 @@ class ProgramSpec(Strict):
 
     # The job spec's own rule (a program's name becomes a folder and a registered model name too).
     _name_is_safe = field_validator("name")(classmethod(JobSpec._name_is_safe.__func__))
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_is_absolute(cls, adapter: str | None) -> str | None:
+        # Resolved against the directory the spec is used from: Ray actors may run elsewhere.
+        if adapter is None:
+            return None
+        if not adapter.strip():
+            raise ValueError("an empty path (leave the field out for the bare base)")
+        return str(Path(adapter).expanduser().resolve())
 
     @field_validator("template")
     @classmethod

@@ -34,8 +34,12 @@ def version_tags(program: Program, dataset_sha256: str, export_sha256: str) -> d
     """The adapter tags (tracking.registry.version_tags) for a program: nothing trains, so 0 params."""
     info = {"base_model": program.base, "base_fingerprint": program.base_sha256, "method": METHOD,
             "task": program.task, "trainable_params": 0, "total_params": 0, "dataset_fingerprint": dataset_sha256}
-    return {**registry.version_tags(info, export_sha256), "program_k": str(program.k),
+    tags = {**registry.version_tags(info, export_sha256), "program_k": str(program.k),
             "program_reasoning": program.reasoning.mode}
+    if program.adapter:  # the program runs on base + this export: serving must apply it too
+        tags.update({"adapter_path": program.adapter.path, "adapter_method": program.adapter.method,
+                     "adapter_sha256": program.adapter.export_sha256 or ""})
+    return tags
 
 
 def finish(uri: str, run_id: str, spec: ProgramSpec, program: Program, export_dir: Path,

@@ -9,6 +9,12 @@ from onebase.prompt.spec import ProgramSpec
 
 
 def load_base(spec: ProgramSpec, model_path: str):
+    """(model, tokenizer) the program runs on, frozen: its base, with `spec.adapter` applied when set."""
+    model, tokenizer = load_bare_base(spec, model_path)
+    return on_adapter(spec, model), tokenizer
+
+
+def load_bare_base(spec: ProgramSpec, model_path: str):
     """(model, tokenizer) of the program's base, frozen; random init is seeded, so every worker agrees."""
     import torch
 
@@ -21,6 +27,17 @@ def load_base(spec: ProgramSpec, model_path: str):
     return model.eval().requires_grad_(False).to(torch.float32), tokenizer
 
 
+def on_adapter(spec: ProgramSpec, base):
+    """The base with the program's training export applied (merged when the method allows), frozen."""
+    if not spec.adapter:
+        return base
+    import torch
+
+    from onebase.prompt.adapter import apply_adapter
+
+    return apply_adapter(base, spec.adapter).eval().requires_grad_(False).to(torch.float32)
+
+
 class ProgramWorker:
     """Ray actor body (wrapped with ray.remote by the driver)."""
 
@@ -29,13 +46,17 @@ class ProgramWorker:
 
         torch.set_num_threads(max(1, threads))
         self.spec = ProgramSpec.model_validate(spec_json)
-        self.model, self.tokenizer = load_base(self.spec, model_path)
+        from onebase.model.build import base_fingerprint
+
+        self.model, self.tokenizer = load_bare_base(self.spec, model_path)
+        # The frozen base's fingerprint, taken before an adapter changes its weights: what the program
+        # records and what serving compares against its base.
+        self.base_sha256 = base_fingerprint(self.model)
+        self.model = on_adapter(self.spec, self.model)
         self.runners: dict[str, Any] = {}
 
     def fingerprint(self) -> str:
-        from onebase.model.build import base_fingerprint
-
-        return base_fingerprint(self.model)
+        return self.base_sha256
 
     def _runner(self, program_json: dict[str, Any]):
         from onebase.prompt.program import Program
