@@ -21,3 +21,13 @@ class ModelError(OnebaseError):
 
 class ClusterError(OnebaseError):
     """The Ray cluster cannot run the job as asked (address, resources)."""
+
+
+def validation_line(err) -> str:
+    """A pydantic ValidationError's first problem as one line, 'field.path: message'."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{loc}: {msg}" if loc else msg

@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,34 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from onebase.errors import ClusterError
+from onebase.runtime import free_port, port_free  # noqa: F401 - port_free: still importable from here
 
 STATE_FILE = "stack.json"
 DEFAULT_DIR = ".onebase/stack"
 MARK = "ONEBASE_STACK_ID"  # set in every process of the stack: how `stop` finds them all
-# Defaults of Ray, Ray Serve and MLflow: never picked, so a default Ray beside us keeps its ports.
-RESERVED = {5000, 6379, 8000, 8076, 8077, 8080, 8265, 9000, 10001, 44217, 44227, 52365, 52366, 62365}
 DEFAULT_WORKER_PORTS = range(10002, 20000)  # Ray's default worker port range
 WORKER_PORT_SPAN = 100
-
-
-def free_port(taken: set[int]) -> int:
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in taken and port not in RESERVED:
-            taken.add(port)
-            return port
-    raise ClusterError("no free port on 127.0.0.1")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_range(taken: set[int], span: int = WORKER_PORT_SPAN) -> tuple[int, int]:

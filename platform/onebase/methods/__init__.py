@@ -1,18 +1,15 @@
 """The method registry: one module per tuning method, one line each below.
 
-A method module defines a config class (its YAML fields under `method:`) and a
-`Method` object that applies the method to a base model and exports what it trained.
+A method module defines a `Method` object that applies the method to a base model and exports
+what it trained; its config class (its YAML fields under `method:`, the tasks it supports) lives
+in the spec layer, `onebase.spec.method_configs`, so a spec validates without this package.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import ValidationError
-
 from onebase.methods import adapterbias, bitfit, dora, full, houlsby, ia3, lora, prefix, prompt, ptuning
 from onebase.methods.base import Method
-from onebase.spec.schema import MethodConfig
+from onebase.spec.method_configs import check_method_task, method_config  # noqa: F401 - re-exported
 
 METHODS: dict[str, Method] = {
     full.METHOD.name: full.METHOD,
@@ -33,31 +30,6 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})") from None
-
-
-def method_config(value: Any) -> MethodConfig:
-    """Validate the spec's `method:` mapping with the named method's own config class."""
-    if isinstance(value, MethodConfig):
-        return value
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        raise ValueError("needs a mapping with a 'name' (e.g. {name: lora, r: 8})")
-    method = get_method(str(value["name"]))
-    try:
-        return method.config_class.model_validate(value)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
-        raise ValueError(f"{field}: {msg} (for method {method.name})") from None
-
-
-def check_method_task(config: MethodConfig, task: str) -> None:
-    method = get_method(config.name)
-    if task not in method.tasks:
-        raise ValueError(f"method {method.name} does not support task {task} "
-                         f"(supports: {', '.join(sorted(method.tasks))})")
 
 
 def load_trained(base, path):

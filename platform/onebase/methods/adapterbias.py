@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from onebase.methods.base import ALL_TASKS, Method
+from onebase.methods.base import Method
 from onebase.methods.native import add_output_adapters, load_native, native_export
+from onebase.spec.method_configs import AdapterBiasConfig
 from onebase.spec.schema import MethodConfig
 
 FFN_OUTPUTS = {
@@ -22,12 +22,6 @@ FFN_OUTPUTS = {
     "qwen2": [r"mlp\.down_proj$"],
     "gpt2": [r"mlp\.c_proj$"],
 }
-
-
-class AdapterBiasConfig(MethodConfig):
-    name: str = "adapterbias"
-    targets: list[str] | None = Field(None, description="regexes over module names; None: per architecture")
-    train_layer_norm: bool = True
 
 
 class TokenShift(nn.Module):
@@ -50,5 +44,5 @@ def load(base: nn.Module, path: Path) -> nn.Module:
     return load_native(base, path, "adapterbias", AdapterBiasConfig, apply)
 
 
-METHOD = Method(name="adapterbias", config_class=AdapterBiasConfig, tasks=ALL_TASKS, apply=apply,
+METHOD = Method(name="adapterbias", config_class=AdapterBiasConfig, apply=apply,
                 export=native_export, load=load)

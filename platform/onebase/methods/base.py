@@ -10,16 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from onebase.spec.schema import MethodConfig
-
-ALL_TASKS = frozenset({"sequence-classification", "token-classification", "extractive-qa", "causal-lm"})
+from onebase.spec.base import MethodConfig
+from onebase.tasks import ALL_TASKS  # noqa: F401 - still importable from here
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    config_class: type[MethodConfig]
-    tasks: frozenset[str]
+    config_class: type[MethodConfig]  # its fields under `method:`, and its `tasks` (spec/method_configs.py)
     # Wrap or modify the freshly loaded base so that only the method's parameters train.
     apply: Callable[[nn.Module, MethodConfig, str], nn.Module]
     # Write what was trained to a directory, given the full (gathered) state dict of the model.
@@ -30,6 +28,10 @@ class Method:
     is_adapter: bool = True
     # Optional check against the base's HF config (raise ValueError): bases the method cannot use.
     check_base: Callable[[Any, str], None] | None = None
+
+    @property
+    def tasks(self) -> frozenset[str]:
+        return self.config_class.tasks  # type: ignore[attr-defined]
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -7,13 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from onebase.methods.base import ALL_TASKS, Method
+from onebase.methods.base import Method
 from onebase.methods.native import load_native, native_export, remember, train_only
+from onebase.spec.method_configs import BitFitConfig
 from onebase.spec.schema import MethodConfig
-
-
-class BitFitConfig(MethodConfig):
-    name: str = "bitfit"
 
 
 def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
@@ -33,5 +30,5 @@ def load(base: nn.Module, path: Path) -> nn.Module:
     return load_native(base, path, "bitfit", BitFitConfig, apply)
 
 
-METHOD = Method(name="bitfit", config_class=BitFitConfig, tasks=ALL_TASKS, apply=apply, export=native_export,
+METHOD = Method(name="bitfit", config_class=BitFitConfig, apply=apply, export=native_export,
                 load=load, check_base=check_base)

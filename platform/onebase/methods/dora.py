@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from onebase.methods.base import ALL_TASKS, Method
-from onebase.methods.lora import LoraMethodConfig, export_peft, load_peft, peft_config
+from onebase.methods.base import Method
+from onebase.methods.lora import export_peft, load_peft, peft_config
+from onebase.spec.method_configs import DoraConfig
 from onebase.spec.schema import MethodConfig
-
-
-class DoraConfig(LoraMethodConfig):
-    name: str = "dora"
 
 
 def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
@@ -20,5 +17,5 @@ def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
     return get_peft_model(model, peft_config(config, task, use_dora=True))
 
 
-METHOD = Method(name="dora", config_class=DoraConfig, tasks=ALL_TASKS, apply=apply,
+METHOD = Method(name="dora", config_class=DoraConfig, apply=apply,
                 export=export_peft, load=load_peft)

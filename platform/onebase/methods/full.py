@@ -7,12 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from onebase.methods.base import ALL_TASKS, Method
+from onebase.methods.base import Method
+from onebase.spec.method_configs import FullConfig
 from onebase.spec.schema import MethodConfig
-
-
-class FullConfig(MethodConfig):
-    name: str = "full"
 
 
 def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
@@ -29,5 +26,5 @@ def load(base: nn.Module, path: Path) -> nn.Module:
     return type(base).from_pretrained(path)
 
 
-METHOD = Method(name="full", config_class=FullConfig, tasks=ALL_TASKS, apply=apply, export=export,
+METHOD = Method(name="full", config_class=FullConfig, apply=apply, export=export,
                 load=load, is_adapter=False)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
 from torch import nn
 
-from onebase.methods.base import ALL_TASKS, Method
+from onebase.methods.base import Method
 from onebase.methods.native import add_output_adapters, load_native, native_export
+from onebase.spec.method_configs import HoulsbyConfig
 from onebase.spec.schema import MethodConfig
 
 # Each block's sublayer output projections, before the residual add.
@@ -21,13 +21,6 @@ SUBLAYER_OUTPUTS = {
     "qwen2": [r"self_attn\.o_proj$", r"mlp\.down_proj$"],
     "gpt2": [r"attn\.c_proj$", r"mlp\.c_proj$"],
 }
-
-
-class HoulsbyConfig(MethodConfig):
-    name: str = "houlsby"
-    bottleneck: int = Field(64, gt=0, description="width of the down-projection")
-    targets: list[str] | None = Field(None, description="regexes over module names; None: per architecture")
-    train_layer_norm: bool = True
 
 
 class Bottleneck(nn.Module):
@@ -55,5 +48,5 @@ def load(base: nn.Module, path: Path) -> nn.Module:
     return load_native(base, path, "houlsby", HoulsbyConfig, apply)
 
 
-METHOD = Method(name="houlsby", config_class=HoulsbyConfig, tasks=ALL_TASKS, apply=apply, export=native_export,
+METHOD = Method(name="houlsby", config_class=HoulsbyConfig, apply=apply, export=native_export,
                 load=load)

@@ -5,28 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from onebase.methods.base import ALL_TASKS, Method, verify_adapter_file
+from onebase.methods.base import Method, verify_adapter_file
+from onebase.spec.method_configs import LoraMethodConfig
 from onebase.spec.schema import MethodConfig
-
-PEFT_TASK_TYPES = {
-    "sequence-classification": "SEQ_CLS",
-    "token-classification": "TOKEN_CLS",
-    "extractive-qa": "QUESTION_ANS",
-    "causal-lm": "CAUSAL_LM",
-}
-
-
-class LoraMethodConfig(MethodConfig):
-    name: str = "lora"
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str | None = Field(
-        None, description="module names, 'all-linear', or None for PEFT's default for the architecture")
-    bias: str = Field("none", pattern="^(none|all|lora_only)$")
+from onebase.tasks import PEFT_TASK_TYPES
 
 
 def peft_config(config: LoraMethodConfig, task: str, **extra):
@@ -56,5 +40,5 @@ def load_peft(base: nn.Module, path: Path) -> nn.Module:
     return PeftModel.from_pretrained(base, path)
 
 
-METHOD = Method(name="lora", config_class=LoraMethodConfig, tasks=ALL_TASKS, apply=apply,
+METHOD = Method(name="lora", config_class=LoraMethodConfig, apply=apply,
                 export=export_peft, load=load_peft)

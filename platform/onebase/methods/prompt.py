@@ -6,12 +6,9 @@ from torch import nn
 
 from onebase.methods.base import Method
 from onebase.methods.lora import PEFT_TASK_TYPES, export_peft, load_peft
-from onebase.methods.prompt_learning import SOFT_PROMPT_TASKS, PromptLearningConfig, check_soft_prompt_base
+from onebase.methods.prompt_learning import check_soft_prompt_base
+from onebase.spec.method_configs import PromptTuningMethodConfig
 from onebase.spec.schema import MethodConfig
-
-
-class PromptTuningMethodConfig(PromptLearningConfig):
-    name: str = "prompt"
 
 
 def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
@@ -22,6 +19,6 @@ def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
                                                     num_virtual_tokens=config.num_virtual_tokens))
 
 
-METHOD = Method(name="prompt", config_class=PromptTuningMethodConfig, tasks=SOFT_PROMPT_TASKS, apply=apply,
+METHOD = Method(name="prompt", config_class=PromptTuningMethodConfig, apply=apply,
                 export=export_peft, load=load_peft,
                 check_base=lambda model_config, task: check_soft_prompt_base("prompt", model_config, task))

@@ -10,15 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
-from onebase.spec.schema import MethodConfig
-
-SOFT_PROMPT_TASKS = frozenset({"sequence-classification", "causal-lm"})
-
-
-class PromptLearningConfig(MethodConfig):
-    num_virtual_tokens: int = Field(20, gt=0, le=512)
+from onebase.spec.method_configs import PromptLearningConfig  # noqa: F401 - still importable from here
+from onebase.tasks import SOFT_PROMPT_TASKS  # noqa: F401 - still importable from here
 
 
 def is_decoder_only(model_config: Any) -> bool:

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
 from torch import nn
 
 from onebase.methods.base import Method
 from onebase.methods.lora import PEFT_TASK_TYPES, export_peft, load_peft
-from onebase.methods.prompt_learning import SOFT_PROMPT_TASKS, PromptLearningConfig, check_soft_prompt_base
+from onebase.methods.prompt_learning import check_soft_prompt_base
+from onebase.spec.method_configs import PTuningConfig
 from onebase.spec.schema import MethodConfig
-
-
-class PTuningConfig(PromptLearningConfig):
-    name: str = "ptuning"
-    encoder_hidden_size: int = Field(128, gt=0)
-    encoder_type: Literal["MLP", "LSTM"] = "MLP"
 
 
 def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
@@ -28,6 +20,6 @@ def apply(model: nn.Module, config: MethodConfig, task: str) -> nn.Module:
         encoder_hidden_size=config.encoder_hidden_size, encoder_reparameterization_type=config.encoder_type))
 
 
-METHOD = Method(name="ptuning", config_class=PTuningConfig, tasks=SOFT_PROMPT_TASKS, apply=apply,
+METHOD = Method(name="ptuning", config_class=PTuningConfig, apply=apply,
                 export=export_peft, load=load_peft,
                 check_base=lambda model_config, task: check_soft_prompt_base("ptuning", model_config, task))

@@ -37,8 +37,8 @@ def serve_config(path: str | Path, address: str | None = None, host: str | None 
     config = read_config(path)
     from ray import serve
 
+    from onebase.runtime import connect_ray
     from onebase.serve.app import build
-    from onebase.train.launch import connect_ray
 
     http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
     http.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})

@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from onebase.errors import SpecError
+from onebase.errors import validation_line as describe  # noqa: F401 - 'describe': others import it from here
 from onebase.spec.schema import JobSpec
 
 
@@ -60,16 +61,6 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
         return JobSpec.model_validate(raw)
     except ValidationError as err:
         raise SpecError(f"{source}: {describe(err)}") from None
-
-
-def describe(err: ValidationError) -> str:
-    """The first validation problem as 'field.path: message'."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    return f"{loc}: {msg}" if loc else msg
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -2,7 +2,7 @@
 
 Every model forbids unknown fields, so a typo in a spec fails before Ray starts.
 Method-specific fields live under `method:` and are validated by the method's own
-config class from the method registry (see onebase.methods).
+config class (spec/method_configs.py).
 """
 
 from __future__ import annotations
@@ -10,26 +10,16 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
-TaskName = Literal["sequence-classification", "token-classification", "extractive-qa", "causal-lm"]
+from onebase.spec import mixture as mix
+from onebase.spec.base import MethodConfig, Strict
+from onebase.spec.method_configs import check_method_task, method_config
 
-# Column roles each task reads from a user CSV/JSONL, with the default column names.
-TASK_COLUMNS: dict[str, dict[str, str]] = {
-    "sequence-classification": {"text": "text", "text_pair": "", "label": "label"},
-    "token-classification": {"tokens": "tokens", "tags": "tags"},
-    "extractive-qa": {"question": "question", "context": "context", "answer": "answer",
-                      "answer_start": "answer_start"},
-    "causal-lm": {"instruction": "instruction", "input": "input", "response": "response"},
-}
-# Roles that may be absent from the data (their column is optional).
-OPTIONAL_ROLES = {"text_pair", "instruction", "input"}
+# The task table (onebase.tasks) holds these; still importable from here.
+from onebase.tasks import OPTIONAL_ROLES, TASK_COLUMNS, TaskName  # noqa: F401 - OPTIONAL_ROLES: still importable from here
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSpec(Strict):
@@ -53,7 +43,9 @@ class ValidationSpec(Strict):
 
 
 class DataSpec(Strict):
-    source: str = Field(description="bundled:tweet-sentiment, bundled:chat-pairs, or a .csv/.jsonl path")
+    source: str = Field(description="bundled:tweet-sentiment, bundled:chat-pairs, or a .csv/.jsonl path; "
+                                    "mixture: the sources under `mixture`")
+    mixture: list[mix.MixtureSource] | None = Field(None, min_length=1, description="causal-lm instruction tuning")
     columns: dict[str, str] = Field(default_factory=dict)
     labels: list[str] | None = None
     max_samples: int | None = Field(None, gt=0)
@@ -66,6 +58,30 @@ class DataSpec(Strict):
         if labels is not None and (len(labels) < 2 or len(set(labels)) != len(labels)):
             raise ValueError("needs at least two distinct labels")
         return labels
+
+    @model_validator(mode="after")
+    def _mixture_or_source(self) -> DataSpec:
+        mix.check_mixture(self.source, self.mixture)
+        return self
+
+
+class HeldOutTask(mix.HeldOutFields):
+    """A task never trained on, scored zero-shot after training on the tuned model and on the base."""
+
+    data: DataSpec
+
+    @property
+    def label(self) -> str:
+        return self.name or mix.default_name(self.data.source)
+
+
+class EvaluationSpec(mix.EvaluationFields):
+    held_out: list[HeldOutTask] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EvaluationSpec:
+        mix.check_held_out_names([task.label for task in self.held_out])
+        return self
 
 
 class PromptSpec(Strict):
@@ -145,12 +161,6 @@ class OutputSpec(Strict):
     path: str = "runs"
 
 
-class MethodConfig(Strict):
-    """Base of every method's config; `name` picks the method in the registry."""
-
-    name: str
-
-
 class JobSpec(Strict):
     name: str
     task: TaskName
@@ -159,6 +169,7 @@ class JobSpec(Strict):
     # validate_default: a spec without `method:` gets a real MethodConfig for `full`, not a bare dict.
     method: SerializeAsAny[MethodConfig] = Field(default_factory=lambda: {"name": "full"}, validate_default=True)
     prompt: PromptSpec | None = None
+    evaluation: EvaluationSpec | None = None
     train: TrainSpec = Field(default_factory=TrainSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
@@ -176,14 +187,16 @@ class JobSpec(Strict):
     @field_validator("method", mode="before")
     @classmethod
     def _method_from_registry(cls, value: Any) -> MethodConfig:
-        from onebase.methods import method_config  # late import: the registry imports this module
-
         return method_config(value)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
         if self.prompt is not None and self.task != "causal-lm":
             raise ValueError("prompt: only the causal-lm task uses a prompt template")
+        if self.data.mixture and self.task != "causal-lm":
+            raise ValueError(f"data.mixture: instruction-tuning mixtures train causal-lm, not {self.task}")
+        if self.data.mixture and self.data.columns:
+            raise ValueError("data.columns: with a mixture each source maps its own columns")
         if self.task == "causal-lm" and self.prompt is None:
             self.prompt = PromptSpec()
         roles = TASK_COLUMNS[self.task]
@@ -191,8 +204,6 @@ class JobSpec(Strict):
         if unknown:
             raise ValueError(f"data.columns: unknown role {unknown[0]!r} for task {self.task} "
                              f"(roles: {', '.join(roles)})")
-        from onebase.methods import check_method_task
-
         check_method_task(self.method, self.task)
         return self
 

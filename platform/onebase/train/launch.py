@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onebase.errors import ClusterError, OnebaseError
+from onebase import runtime
+from onebase.errors import OnebaseError
 from onebase.methods import get_method
 from onebase.spec.schema import JobSpec
 from onebase.tracking import mlflow_run, registry
@@ -20,10 +21,14 @@ from onebase.train.ds_ops import extensions_dir, pin_ninja
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, RUN_INFO, train_loop_per_worker
 from onebase.train.preflight import check_method_base, preflight
 
-__all__ = ["check_method_base", "run_job"]  # check_method_base: sweeps check each trial with it
+# Moved to onebase.runtime; still importable from here.
+check_resources, root_cause = runtime.check_resources, runtime.root_cause
+worker_resources, worker_slots = runtime.worker_resources, runtime.worker_slots
+
+__all__ = ["check_method_base", "check_resources", "connect_ray", "root_cause", "run_job", "worker_resources",
+           "worker_slots"]  # check_method_base: sweeps check each trial with it
 
 STATE = "latest.json"
-DASHBOARD_URL: str | None = None  # of the Ray this process connected to
 
 
 @dataclass
@@ -134,111 +139,22 @@ def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, registe
 
 
 def connect_ray(address: str | None, quiet: bool = False) -> str | None:
-    """Join `address` or start a fresh local Ray; returns its dashboard URL (None when it has none).
-
-    `quiet`: workers' output stays in Ray's log files and only errors of Ray's own are shown, so the
-    console holds the progress bar and results (`onebase run` without --verbose)."""
+    """`onebase.runtime.connect_ray` plus what Ray Train needs in this process and every worker."""
     import ray
 
-    global DASHBOARD_URL
     if ray.is_initialized():
-        return DASHBOARD_URL
+        return runtime.DASHBOARD_URL
     env = {
         # Ray Train's default health check makes every report block ~2 s.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
         "TORCH_EXTENSIONS_DIR": extensions_dir(),
-        "TOKENIZERS_PARALLELISM": "false",
         # Sweep trials keep the user's working directory: relative data paths in a spec stay valid.
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
         # Train V2 also copies print() into its logger, so each progress line reached the driver twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-        # Keep the terminal readable: library deprecation chatter would bury the progress lines.
-        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
-        "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning"),
     }
-    env.update({k: v for k, v in os.environ.items() if k.startswith("ONEBASE_CACHE")})
     pin_ninja()  # local workers inherit this PATH; workers on other nodes pin their own
-    os.environ.update(env)  # the Train controller runs in this job's processes too
-    # No address: a fresh local Ray, never whichever cluster `ray start` left on this machine.
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
-    init_args, state_api = pin_state_api(target)
-    if quiet:
-        quiet_driver_loggers()
-    try:
-        context = ray.init(address=target, runtime_env={"env_vars": {**env, **state_api}}, log_to_driver=not quiet,
-                           configure_logging=True, logging_level="ERROR" if quiet else "WARNING", **init_args)
-    except ConnectionError as err:
-        raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({root_cause(err)})") from None
-    url = getattr(context, "dashboard_url", None)
-    DASHBOARD_URL = (url if "://" in url else f"http://{url}") if url else None
-    return DASHBOARD_URL
-
-
-def quiet_driver_loggers() -> None:
-    """MLflow's store set-up and Ray Train's driver-side INFO lines: kept for --verbose."""
-    import logging
-
-    import mlflow  # noqa: F401 - mlflow sets its loggers' level when first imported: import it first
-
-    for name in ("mlflow", "alembic", "ray", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def pin_state_api(address: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Point Ray's own state-API calls at this job's Ray instance (ray.init args, worker env vars).
-
-    Ray Train's placement-group cleaner finds "the" local Ray instance by scanning processes; with a
-    second instance on the machine (a local stack, a Serve app) it crashes, and every early-stopped
-    sweep trial then keeps its CPUs for good: the next trials wait forever for a worker group.
-    """
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):
-        return {}, {}
-    if address == "local":  # a fresh instance: fix its dashboard port, then name it
-        from onebase.cluster.stack import free_port
-
-        port = free_port(set())
-        return {"dashboard_port": port}, {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    if address == "auto" or "://" in address:  # Ray resolves these itself (one instance, or Ray Client)
-        return {}, {}
-    return {}, {"RAY_ADDRESS": address}  # a GCS address: the state API asks that GCS for its dashboard
-
-
-def worker_slots(spec: JobSpec) -> int:
-    """How many of this job's workers the cluster's live nodes can hold at once."""
-    import ray
-
-    need = worker_resources(spec)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return sum(min((int(node.get(k, 0) // v) if v else 10**9) for k, v in need.items()) if need else 10**9
-               for node in nodes)
-
-
-def worker_resources(spec: JobSpec) -> dict[str, float]:
-    need = dict(spec.scaling.resources_per_worker)
-    if spec.scaling.use_gpu:
-        need.setdefault("GPU", 1)
-    return need
-
-
-def check_resources(spec: JobSpec) -> None:
-    """Ray waits forever for resources that do not exist: refuse impossible requests up front."""
-    import ray
-
-    need, fits = worker_resources(spec), worker_slots(spec)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if fits < spec.scaling.num_workers:
-        total = ray.cluster_resources()
-        have = ", ".join(f"{k}={total.get(k, 0):g}" for k in need)
-        raise ClusterError(f"scaling: {spec.scaling.num_workers} workers x {need} do not fit the cluster "
-                           f"({have} over {len(nodes)} node(s); room for {fits} worker(s))")
-
-
-def root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else type(err).__name__
-    return last if ":" in last else f"{type(err).__name__}: {last}"
+    return runtime.connect_ray(address, quiet=quiet, env=env)
 
 
 def read_state(job_dir: Path) -> dict[str, str]:

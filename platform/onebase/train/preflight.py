@@ -148,7 +148,7 @@ def check_fits_cluster(spec: JobSpec, address: str) -> None:
     import ray
 
     from onebase.errors import ClusterError
-    from onebase.train.launch import check_resources
+    from onebase.runtime import check_resources
 
     if address == "local":
         raise SpecError("--address: give a running cluster's address (validate never starts Ray)")
