@@ -10,9 +10,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import TINY_BERT, TINY_LLAMA, tiny_spec
+from onebase.data.prepare import IGNORE, prompt_ids
+from onebase.data.sources import load_dataset
 from onebase.errors import ClusterError, OnebaseError
+from onebase.model.build import load_tokenizer
 from onebase.spec import parse_spec
 from onebase.train.launch import run_job
+from onebase.train.loop import make_loader
 
 
 def train(spec: dict):
@@ -116,6 +120,27 @@ def test_causal_lm_lora_learns_response_tokens_only(ray_cluster, workspace):
     result = train(spec)
     assert {"exact_match", "perplexity", "eval_loss"} <= set(result.metrics)
     assert reload_and_compare(result, spec) < 1e-4
+    # What the workers trained on: the same rows, tokenizer and loader as the loop, batch by batch.
+    parsed = parse_spec(spec)
+    tokenizer = load_tokenizer(str(result.export_dir))
+    dataset = load_dataset(parsed)
+    loader, _ = make_loader(parsed, tokenizer, dataset.train, dataset.labels, rank=0, world=1, train=True)
+    checked = 0
+    for batch in loader:
+        for row, ids, labels, mask in zip(batch["index"].tolist(), batch["input_ids"], batch["labels"],
+                                          batch["attention_mask"]):
+            response = tokenizer(dataset.train[row]["response"], add_special_tokens=False)["input_ids"]
+            response += [tokenizer.eos_token_id]
+            end = int(mask.sum())  # right-padded: the row's tokens, then padding
+            start = end - len(response)
+            assert ids[start:end].tolist() == response
+            assert labels[start:end].tolist() == response, "every response token (EOS included) is a target"
+            assert (labels[:start] == IGNORE).all(), "no prompt token is a target"
+            assert (labels[end:] == IGNORE).all(), "no padding is a target"
+            # ... after the rendered prompt (its end, when max_length cuts a long tweet).
+            assert ids[:start].tolist() == prompt_ids(parsed, tokenizer, dataset.train[row])[-start:]
+            checked += 1
+    assert checked == len(dataset.train)
 
 
 def test_impossible_resources_fail_fast(ray_cluster, workspace):

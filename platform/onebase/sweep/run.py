@@ -125,16 +125,11 @@ def trial_main(config: dict[str, Any], trials: dict[str, dict[str, Any]], base: 
     job_dir = Path(out_dir) / "trials" / trial_id
     began = time.monotonic()
     model_path = check_model_available(spec.model.name, spec.model.revision)
-    worker_config = launch.worker_config(spec, model_path, load_dataset(spec), uri, run_id)
-    try:
-        # Tune only starts a trial when its workers fit, so a worker group that cannot start is a
-        # fault (e.g. resources held by something else): fail the trial, never wait for ever.
-        result = launch.make_trainer(spec, worker_config, job_dir, f"trial-{trial_id}",
-                                     callbacks=[TuneReportCallback()], startup_retries=TRIAL_STARTUP_RETRIES).fit()
-    except Exception as err:
-        mlflow_run.fail_run(uri, run_id, launch.root_cause(err))
-        raise
-    outcome = launch.collect(spec, uri, run_id, result, job_dir, register=False)
+    # Tune only starts a trial when its workers fit, so a worker group that cannot start is a
+    # fault (e.g. resources held by something else): fail the trial, never wait for ever.
+    outcome = launch.train_once(spec, model_path, load_dataset(spec), uri, run_id, job_dir, f"trial-{trial_id}",
+                                register=False, callbacks=[TuneReportCallback()],
+                                startup_retries=TRIAL_STARTUP_RETRIES)
     extra = {"wall_s": time.monotonic() - began, "adapter_bytes": float(weights_bytes(outcome.export_dir))}
     mlflow_run.log_metrics(uri, run_id, extra)
     tune.report({**outcome.metrics, **extra, "step": float(outcome.info.get("steps", 0))})

@@ -16,6 +16,7 @@ from onebase.errors import OnebaseError
 from onebase.methods import get_method
 from onebase.spec.schema import JobSpec
 from onebase.tracking import mlflow_run, registry
+from onebase.train import heldout
 from onebase.train.console import Console, ProgressBoard
 from onebase.train.ds_ops import extensions_dir, pin_ninja
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, RUN_INFO, train_loop_per_worker
@@ -25,8 +26,8 @@ from onebase.train.preflight import check_method_base, preflight
 check_resources, root_cause = runtime.check_resources, runtime.root_cause
 worker_resources, worker_slots = runtime.worker_resources, runtime.worker_slots
 
-__all__ = ["check_method_base", "check_resources", "connect_ray", "root_cause", "run_job", "worker_resources",
-           "worker_slots"]  # check_method_base: sweeps check each trial with it
+__all__ = ["TrainingFailed", "check_method_base", "check_resources", "connect_ray", "root_cause", "run_job",
+           "train_once", "worker_resources", "worker_slots"]  # check_method_base: sweeps check each trial with it
 
 STATE = "latest.json"
 
@@ -66,17 +67,44 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     echo(f"mlflow run: {mlflow_run.run_url(uri, run_id)}" + (" (resumed)" if previous else ""))
 
     board = ProgressBoard.remote() if progress else None
-    config = {**worker_config(spec, model_path, dataset, uri, run_id), "driver_started": started,
-              "progress_board": board}
     try:
-        with Console(board, spec.train.log_every_steps) if board else contextlib.nullcontext():
-            result = make_trainer(spec, config, job_dir, ray_name).fit()
+        return train_once(spec, model_path, dataset, uri, run_id, job_dir, ray_name,
+                          extra_config={"driver_started": started, "progress_board": board},
+                          after_export=heldout.after_export(spec, uri, run_id, echo),
+                          console=Console(board, spec.train.log_every_steps) if board else None)
+    except TrainingFailed as err:
+        hint = "" if verbose else " (--verbose shows the workers' logs)"
+        raise OnebaseError(f"training failed: {err.reason}{hint}") from err
+
+
+class TrainingFailed(OnebaseError):
+    """The Ray Train run failed; `reason` is its root cause in one line (already on the MLflow run)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def train_once(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str, job_dir: Path, run_name: str, *,
+               register: bool = True, callbacks=(), startup_retries: int = -1,
+               extra_config: dict[str, Any] | None = None, console=None, after_export=None) -> RunResult:
+    """One Ray Train run of a checked `spec` into MLflow run `run_id`, then its export collected,
+    logged and (with `register`) registered: the core of `onebase run` and of every sweep trial.
+
+    `callbacks`, `startup_retries`: see make_trainer; `extra_config`: more for the workers' config;
+    `console`: a context manager around training (the live progress display). A failure is marked
+    on the MLflow run and raised as TrainingFailed. `after_export(export_dir, info) -> info`: runs on
+    the export before it is logged (held-out evaluation, train/heldout.py)."""
+    config = {**worker_config(spec, model_path, dataset, uri, run_id), **(extra_config or {})}
+    try:
+        with console or contextlib.nullcontext():
+            result = make_trainer(spec, config, job_dir, run_name, callbacks=callbacks,
+                                  startup_retries=startup_retries).fit()
     except Exception as err:  # Ray wraps worker errors; report the root cause in one line
         reason = root_cause(err)
         mlflow_run.fail_run(uri, run_id, reason)
-        hint = "" if verbose else " (--verbose shows the workers' logs)"
-        raise OnebaseError(f"training failed: {reason}{hint}") from err
-    return collect(spec, uri, run_id, result, job_dir)
+        raise TrainingFailed(reason) from err
+    return collect(spec, uri, run_id, result, job_dir, register=register, after_export=after_export)
 
 
 def worker_config(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str) -> dict[str, Any]:
@@ -113,7 +141,8 @@ def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name:
     )
 
 
-def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, register: bool = True) -> RunResult:
+def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, register: bool = True,
+            after_export=None) -> RunResult:
     """Copy the export out of the final checkpoint, log it to MLflow and register it."""
     import shutil
 
@@ -124,6 +153,8 @@ def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, registe
         shutil.copytree(Path(path) / EXPORT_DIR, export_dir)
         shutil.copy(Path(path) / PROBE_FILE, job_dir / PROBE_FILE)
     info = json.loads((export_dir / RUN_INFO).read_text())
+    if after_export is not None:
+        info = after_export(export_dir, info)
     method = get_method(spec.method.name)
     artifact_path = mlflow_run.finish_run(uri, run_id, export_dir, info, method.is_adapter)
     registered = None
@@ -175,6 +206,8 @@ def print_summary(result: RunResult, out=sys.stdout) -> None:
     info = result.info
     print(f"trainable params: {info['trainable_params']:,} / {info['total_params']:,} "
           f"({100 * info['trainable_params'] / max(info['total_params'], 1):.2f}%)", file=out)
+    for line in heldout.summary_lines(info):
+        print(line, file=out)
     print(f"export: {result.export_dir}", file=out)
     if result.registered:
         print(f"registered: {result.registered}", file=out)
