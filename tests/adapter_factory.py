@@ -6,12 +6,12 @@ with their trainable tensors moved off their initial values so that every adapte
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from conftest import TINY_BERT, TINY_LLAMA
+from onebase.manifest import RunInfo, write_run_info
 from onebase.methods import get_method, method_config
 from onebase.model.assets import resolve_model
 from onebase.model.build import AUTO_CLASSES, base_fingerprint, load_tokenizer
@@ -50,9 +50,8 @@ def make_adapter(base: Path, out: Path, task: str, method: dict, labels: list[st
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.2)
     get_method(config.name).export(tuned, tuned.state_dict(), out)
-    info = {"task": task, "method": config.name, "labels": labels if task != "causal-lm" else None,
-            "base_model": str(base), "base_fingerprint": fingerprint, "prompt": prompt}
-    (out / "onebase.json").write_text(json.dumps(info))
+    write_run_info(out, RunInfo(task=task, method=config.name, labels=labels if task != "causal-lm" else None,
+                                base_model=str(base), base_fingerprint=fingerprint, prompt=prompt))
     return out
 
 

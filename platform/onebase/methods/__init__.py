@@ -34,11 +34,11 @@ def get_method(name: str) -> Method:
 
 def load_trained(base, path):
     """Rebuild a tuned model from a fresh base and an export directory (any method)."""
-    import json
     from pathlib import Path
 
-    info = json.loads((Path(path) / "onebase.json").read_text())
-    return get_method(info["method"]).load(base, Path(path))
+    from onebase.manifest import read_run_info
+
+    return get_method(read_run_info(path).method).load(base, Path(path))
 
 
 __all__ = ["METHODS", "Method", "check_method_task", "get_method", "load_trained", "method_config"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from onebase.errors import OnebaseError
+from onebase.manifest import MANIFEST, run_info
 from onebase.model.assets import cache_dir
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -155,7 +156,9 @@ def inspect(path: Path) -> AdapterInfo:
     if pickles:
         raise AdapterError(f"adapter {path.name}: holds pickle-format weights ({', '.join(pickles)}); "
                            "only safetensors are accepted")
-    meta = _read_json(path / "onebase.json") if (path / "onebase.json").is_file() else {}
+    meta = _read_json(path / MANIFEST) if (path / MANIFEST).is_file() else {}
+    if meta:
+        run_info(meta, f"adapter {path.name}: {MANIFEST}", AdapterError)  # its fields' types (onebase/manifest.py)
     config = _read_json(path / "adapter_config.json") if (path / "adapter_config.json").is_file() else None
     if config is None:
         hint = " (a full fine-tune is a whole model, not an adapter)" if (path / "config.json").is_file() else ""

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from onebase.manifest import RunInfo
 from onebase.spec.schema import JobSpec
 
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
@@ -101,13 +102,13 @@ def sha256_dir(path: Path) -> str:
     return digest.hexdigest()
 
 
-def finish_run(uri: str, run_id: str, export_dir: Path, info: dict[str, Any], is_adapter: bool,
+def finish_run(uri: str, run_id: str, export_dir: Path, info: RunInfo, is_adapter: bool,
                status: str = "FINISHED") -> str:
     """Log the trained export and the eval report; returns the artifact path of the export."""
     mlflow_client = client(uri)
     artifact_path = "adapter" if is_adapter else "model"
     mlflow_client.log_artifacts(run_id, str(export_dir), artifact_path)
-    mlflow_client.log_dict(run_id, info["metrics"], "eval_report.json")
+    mlflow_client.log_dict(run_id, info.metrics, "eval_report.json")
     mlflow_client.set_terminated(run_id, status)
     return artifact_path
 

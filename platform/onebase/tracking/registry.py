@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from onebase.manifest import RunInfo
 from onebase.tracking.mlflow_run import client
 
 
-def version_tags(info: dict[str, Any], export_sha256: str) -> dict[str, str]:
-    trainable, total = info["trainable_params"], info["total_params"]
+def version_tags(info: RunInfo, export_sha256: str) -> dict[str, str]:
+    trainable, total = info.trainable_params or 0, info.total_params or 0
     return {
-        "base_model": info["base_model"],
-        "base_sha256": info["base_fingerprint"],
-        "method": info["method"],
-        "task": info["task"],
+        "base_model": str(info.base_model),
+        "base_sha256": str(info.base_fingerprint),
+        "method": info.method,
+        "task": str(info.task),
         "trainable_params": str(trainable),
         "trainable_percent": f"{100 * trainable / max(total, 1):.4f}",
-        "dataset_sha256": info["dataset_fingerprint"],
+        "dataset_sha256": str(info.dataset_fingerprint),
         "export_sha256": export_sha256,
     }
 

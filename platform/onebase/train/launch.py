@@ -13,13 +13,14 @@ from typing import Any
 
 from onebase import runtime
 from onebase.errors import OnebaseError
+from onebase.manifest import RunInfo, read_run_info, run_info
 from onebase.methods import get_method
 from onebase.spec.schema import JobSpec
 from onebase.tracking import mlflow_run, registry
 from onebase.train import heldout
 from onebase.train.console import Console, ProgressBoard
 from onebase.train.ds_ops import extensions_dir, pin_ninja
-from onebase.train.loop import EXPORT_DIR, PROBE_FILE, RUN_INFO, train_loop_per_worker
+from onebase.train.loop import EXPORT_DIR, PROBE_FILE, train_loop_per_worker
 from onebase.train.preflight import check_method_base, preflight
 
 # Moved to onebase.runtime; still importable from here.
@@ -39,7 +40,7 @@ class RunResult:
     metrics: dict[str, float]
     export_dir: Path
     registered: str | None  # "name/version"
-    info: dict[str, Any]
+    info: RunInfo  # the export's onebase.json
 
 
 def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: bool = False,
@@ -152,9 +153,9 @@ def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, registe
             shutil.rmtree(export_dir)
         shutil.copytree(Path(path) / EXPORT_DIR, export_dir)
         shutil.copy(Path(path) / PROBE_FILE, job_dir / PROBE_FILE)
-    info = json.loads((export_dir / RUN_INFO).read_text())
+    info = read_run_info(export_dir)
     if after_export is not None:
-        info = after_export(export_dir, info)
+        info = run_info(after_export(export_dir, info.as_dict()))
     method = get_method(spec.method.name)
     artifact_path = mlflow_run.finish_run(uri, run_id, export_dir, info, method.is_adapter)
     registered = None
@@ -165,7 +166,7 @@ def collect(spec: JobSpec, uri: str, run_id: str, result, job_dir: Path, registe
     if register and spec.tracking.register_model:
         name = spec.tracking.registered_model or spec.name
         registered = f"{name}/{registry.register(uri, name, run_id, artifact_path, tags)}"
-    return RunResult(run_id=run_id, run_url=mlflow_run.run_url(uri, run_id), metrics=info["metrics"],
+    return RunResult(run_id=run_id, run_url=mlflow_run.run_url(uri, run_id), metrics=info.metrics,
                      export_dir=export_dir, registered=registered, info=info)
 
 
@@ -203,10 +204,9 @@ def write_state(job_dir: Path, state: dict[str, str]) -> None:
 def print_summary(result: RunResult, out=sys.stdout) -> None:
     shown = {k: round(v, 4) for k, v in result.metrics.items() if k != "eval_samples"}
     print(f"eval: {shown}", file=out)
-    info = result.info
-    print(f"trainable params: {info['trainable_params']:,} / {info['total_params']:,} "
-          f"({100 * info['trainable_params'] / max(info['total_params'], 1):.2f}%)", file=out)
-    for line in heldout.summary_lines(info):
+    trainable, total = result.info.trainable_params or 0, result.info.total_params or 0
+    print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)", file=out)
+    for line in heldout.summary_lines(result.info):
         print(line, file=out)
     print(f"export: {result.export_dir}", file=out)
     if result.registered:

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from onebase.data.prepare import collate, tokenize
+from onebase.manifest import MANIFEST, write_run_info
 from onebase.methods import get_method
 from onebase.methods.base import trainable_parameters
 from onebase.model.build import load_model, load_tokenizer
@@ -34,7 +35,7 @@ from onebase.train.zero3 import partitioned_loading, resident_param_bytes
 
 STATE_FILE = "onebase_state.json"
 EXPORT_DIR = "export"
-RUN_INFO = "onebase.json"
+RUN_INFO = MANIFEST  # onebase.json (onebase/manifest.py)
 PROBE_FILE = "probe.safetensors"
 
 
@@ -232,7 +233,7 @@ def export_trained(engine, out_dir: Path, rank: int, spec: JobSpec, tokenizer, i
     if rank != 0:
         return
     tokenizer.save_pretrained(out_dir)
-    (out_dir / RUN_INFO).write_text(json.dumps(info, indent=2))
+    write_run_info(out_dir, info)
     save_file(probe, str(out_dir.parent / PROBE_FILE))
 
 
