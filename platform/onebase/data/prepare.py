@@ -87,9 +87,12 @@ def render_prompt(prompt: PromptSpec, tokenizer, instruction: str, text: str) ->
 
 def prompt_ids(spec: JobSpec, tokenizer, row: dict[str, Any]) -> list[int]:
     instruction = row.get("instruction") or spec.prompt.instruction or ""
-    text = render_prompt(spec.prompt, tokenizer, instruction, row.get("input") or "")
+    prompt = spec.prompt
+    if row.get("template"):  # a mixture source's own template (data/mixture.py)
+        prompt = prompt.model_copy(update={"template": row["template"]})
+    text = render_prompt(prompt, tokenizer, instruction, row.get("input") or "")
     # A chat template already writes the BOS token; other templates get the tokenizer's specials.
-    return tokenizer(text, add_special_tokens=spec.prompt.template != "chat")["input_ids"]
+    return tokenizer(text, add_special_tokens=prompt.template != "chat")["input_ids"]
 
 
 def _causal(spec, tokenizer, rows, labels):

@@ -34,6 +34,10 @@ class Dataset:
 
 
 def load_dataset(spec: JobSpec) -> Dataset:
+    if spec.data.mixture:
+        from onebase.data.mixture import load_mixture
+
+        return load_mixture(spec)
     rows = read_source(spec, spec.data.source)
     if spec.data.validation.path:
         train, validation = rows, read_source(spec, spec.data.validation.path)

@@ -158,7 +158,7 @@ def evaluate_on(workers: Workers, prepared: Prepared, program: Program) -> tuple
 
 def evaluate_program(spec: ProgramSpec, spec_text: str, address: str | None = None, tracking_uri: str | None = None,
                      echo=print, instruction: str | None = None, register: bool = True) -> EvalResult:
-    from onebase.train.launch import connect_ray
+    from onebase.runtime import connect_ray  # plain Ray: programs need none of Ray Train's settings
 
     prepared = prepare(spec)
     dataset = prepared.dataset

@@ -68,7 +68,7 @@ def unique(items) -> list[str]:
 
 def search_program(spec: ProgramSpec, spec_text: str, address: str | None = None,
                    tracking_uri: str | None = None, echo=print) -> EvalResult:
-    from onebase.train.launch import connect_ray
+    from onebase.runtime import connect_ray  # plain Ray: programs need none of Ray Train's settings
 
     prepared = prepare(spec)
     train = list(prepared.dataset.train)

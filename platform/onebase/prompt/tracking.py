@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from onebase.manifest import RunInfo
 from onebase.prompt.program import METHOD, Program
 from onebase.prompt.spec import ProgramSpec
 from onebase.tracking import mlflow_run, registry
@@ -32,8 +33,8 @@ def start(uri: str, spec: ProgramSpec, spec_text: str, run_name: str | None = No
 
 def version_tags(program: Program, dataset_sha256: str, export_sha256: str) -> dict[str, str]:
     """The adapter tags (tracking.registry.version_tags) for a program: nothing trains, so 0 params."""
-    info = {"base_model": program.base, "base_fingerprint": program.base_sha256, "method": METHOD,
-            "task": program.task, "trainable_params": 0, "total_params": 0, "dataset_fingerprint": dataset_sha256}
+    info = RunInfo(base_model=program.base, base_fingerprint=program.base_sha256, method=METHOD, task=program.task,
+                   trainable_params=0, total_params=0, dataset_fingerprint=dataset_sha256)
     tags = {**registry.version_tags(info, export_sha256), "program_k": str(program.k),
             "program_reasoning": program.reasoning.mode}
     if program.adapter:  # the program runs on base + this export: serving must apply it too

@@ -14,7 +14,10 @@ from onebase.data.prepare import IGNORE
 
 
 @torch.no_grad()
-def evaluate(engine, loader, task: str, num_labels: int | None, device: torch.device) -> dict[str, float]:
+def evaluate(engine, loader, task: str, num_labels: int | None, device: torch.device,
+             groups: list[str] | None = None) -> dict[str, float]:
+    """Metrics over the loader's rows; with `groups` (a name per row, e.g. its mixture source) also
+    `mixture/<name>/<metric>` over each group's rows, from the same forward passes."""
     engine.eval()
     records: list[tuple[int, dict[str, Any]]] = []
     for batch in loader:
@@ -28,7 +31,11 @@ def evaluate(engine, loader, task: str, num_labels: int | None, device: torch.de
         dist.all_gather_object(gathered, records)
         records = [r for part in gathered for r in part]
     samples = [s for _, s in sorted(dict(records).items())]  # the sampler pads shards: dedupe by index
-    return summarise(task, samples, num_labels)
+    metrics = summarise(task, samples, num_labels)
+    for name in sorted(set(groups or [])):
+        part = [s for s, g in zip(samples, groups or []) if g == name]
+        metrics.update({f"mixture/{name}/{k}": v for k, v in summarise(task, part, num_labels).items()})
+    return metrics
 
 
 def per_sample(task: str, batch: dict[str, torch.Tensor], out) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
+from onebase.data.mixture import source_names
 from onebase.data.prepare import collate, tokenize
 from onebase.manifest import MANIFEST, write_run_info
 from onebase.methods import get_method
@@ -85,6 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # What this worker held right after loading: its shard under ZeRO-3, the whole model otherwise.
         tracker.metrics({"loaded_param_mb_per_worker": param_bytes / 2**20}, 0)
     num_labels = len(dataset.labels) if dataset.labels else None
+    groups = source_names(dataset.validation)  # a mixture: metrics per source too
     board = config.get("progress_board")  # the driver's console; absent in sweep trials
     reporter = Reporter(board, total_steps, spec.train.log_every_steps) if rank == 0 and board else None
 
@@ -125,7 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window = Window()
             at_eval = spec.train.eval_every_steps and step % spec.train.eval_every_steps == 0
             if at_eval and step < total_steps:
-                last_eval = evaluate(engine, eval_loader, spec.task, num_labels, device)
+                last_eval = evaluate(engine, eval_loader, spec.task, num_labels, device, groups)
                 if tracker:
                     tracker.metrics(last_eval, step)
                 if reporter:
@@ -136,7 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if step >= total_steps:
                 break
 
-    final = evaluate(engine, eval_loader, spec.task, num_labels, device)
+    final = evaluate(engine, eval_loader, spec.task, num_labels, device, groups)
     memory = memory_per_worker(engine)  # a collective: every rank
     probe = probe_outputs(engine, eval_loader, device)
     throughput = {"train_samples_per_s": train_samples / max(train_seconds, 1e-9),
