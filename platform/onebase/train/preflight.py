@@ -19,6 +19,7 @@ from onebase.errors import SpecError
 from onebase.methods import get_method
 from onebase.model.assets import check_model_available
 from onebase.spec.schema import JobSpec
+from onebase.train.heldout import check_held_out
 
 # MLflow tracking stores onebase can write to: a database, a local folder, or a tracking server.
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -37,6 +38,7 @@ def preflight(spec: JobSpec, tracking_uri: str) -> Checked:
     check_method_base(spec, model_path)
     dataset = load_dataset(spec)
     check_method_applies(spec, model_path, dataset.labels)
+    check_held_out(spec)  # evaluation.held_out: each task a valid zero-shot program whose rows load
     check_tracking_uri(tracking_uri)
     check_output_writable(spec.output.path)
     return Checked(model_path=model_path, dataset=dataset)
