@@ -1,4 +1,7 @@
-"""User-facing errors: each one renders as a single line naming what is wrong."""
+"""User-facing errors: each one renders as a single line naming what is wrong; and the helpers that
+turn a library's multi-line error (a traceback, a validation report) into that line."""
+
+from __future__ import annotations
 
 
 class OnebaseError(Exception):
@@ -31,3 +34,21 @@ def validation_line(err) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     return f"{loc}: {msg}" if loc else msg
+
+
+def error_line(source: BaseException | str | None, last: bool = False, limit: int | None = None) -> str:
+    """The first (`last`: the last) non-empty line of an error or message, stripped and cut to
+    `limit` characters; an error without text gives its type's name, an empty message ''."""
+    lines = [line.strip() for line in str(source or "").splitlines() if line.strip()]
+    line = (lines[-1] if last else lines[0]) if lines else (type(source).__name__ if isinstance(source, BaseException)
+                                                             else "")
+    return line[:limit] if limit else line
+
+
+def root_cause(err: BaseException) -> str:
+    """An exception chain as one line: the innermost cause's last line, with its type when that line
+    does not already say what it is (Ray wraps worker errors several times)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    last = error_line(err, last=True)
+    return last if ":" in last else f"{type(err).__name__}: {last}"

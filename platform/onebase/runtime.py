@@ -13,7 +13,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from onebase.errors import ClusterError
+from onebase.errors import ClusterError, root_cause
 
 if TYPE_CHECKING:  # annotations only: the spec layer stays out of this module's imports
     from onebase.spec.schema import JobSpec
@@ -136,13 +136,3 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def root_cause(err: BaseException) -> str:
-    """An exception chain as one line: the innermost cause's last non-empty line, with its type
-    when that line does not already say what it is (Ray wraps worker errors several times)."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    last = lines[-1].strip() if lines else type(err).__name__
-    return last if ":" in last else f"{type(err).__name__}: {last}"

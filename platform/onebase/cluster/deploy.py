@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from onebase.cluster.submit import call, connect, parse_env
-from onebase.errors import ClusterError, SpecError
+from onebase.errors import ClusterError, SpecError, error_line
 from onebase.spec.load import describe, read_yaml
 
 FAILED = {"DEPLOY_FAILED", "UNHEALTHY"}
@@ -51,9 +51,9 @@ def serve_client(address: str | None):
 
 def one_line(message: str | None) -> str:
     """The telling line of a Serve status message (often a traceback): its last error line."""
-    lines = [line.strip() for line in (message or "").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]]
-    return ((errors or lines or [""])[-1])[:500]
+    errors = [line for line in (message or "").splitlines()
+              if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]]
+    return error_line("\n".join(errors) or message, last=True, limit=500)
 
 
 def endpoints(details: dict[str, Any], address: str, names: list[str] | None = None) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from onebase.errors import ClusterError, DataError, OnebaseError, SpecError
+from onebase.errors import ClusterError, DataError, OnebaseError, SpecError, error_line
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5  # an unreachable cluster fails in seconds, never hangs
@@ -67,8 +67,7 @@ def reason(err: BaseException) -> str:
     errno = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if errno:
         return errno[-1].strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else type(err).__name__)[:300]
+    return error_line(err, last=True, limit=300)
 
 
 def connect(cls, address: str | None, what: str):

@@ -16,19 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from onebase.methods.base import verify_adapter_file
+from onebase.model.build import TIED_HEADS, head_modules  # noqa: F401 - still importable from here
 from onebase.spec.schema import MethodConfig
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
-# Output heads shared with the input embeddings are not a task head: they stay frozen.
-TIED_HEADS = frozenset({"lm_head"})
-
-
-def head_modules(model: nn.Module) -> list[str]:
-    """Top-level modules beside the backbone: the task head (classifier, score, qa_outputs, ...)."""
-    backbone = getattr(model, "base_model_prefix", "")
-    return [name for name, child in model.named_children()
-            if name != backbone and name not in TIED_HEADS and any(True for _ in child.parameters())]
 
 
 def train_only(model: nn.Module, keep: Callable[[str], bool]) -> None:

@@ -10,18 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from onebase.model.build import is_decoder_only
 from onebase.spec.method_configs import PromptLearningConfig  # noqa: F401 - still importable from here
 from onebase.tasks import SOFT_PROMPT_TASKS  # noqa: F401 - still importable from here
-
-
-def is_decoder_only(model_config: Any) -> bool:
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    kind = getattr(model_config, "model_type", "")
-    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def check_soft_prompt_base(method: str, model_config: Any, task: str) -> None:

@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from onebase.errors import ModelError
+from onebase.errors import ModelError, error_line
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "minilm"
@@ -44,8 +44,7 @@ def check_model_available(name: str, revision: str | None = None) -> str:
     try:
         AutoConfig.from_pretrained(resolved, revision=revision)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.name: cannot load {name!r}: {first}") from None
+        raise ModelError(f"model.name: cannot load {name!r}: {error_line(err)}") from None
     return resolved
 
 

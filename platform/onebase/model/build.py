@@ -8,13 +8,10 @@ import torch
 from torch import nn
 
 from onebase.spec.schema import JobSpec
+from onebase.tasks import AUTO_CLASSES, TASKS
 
-AUTO_CLASSES = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "extractive-qa": "AutoModelForQuestionAnswering",
-    "causal-lm": "AutoModelForCausalLM",
-}
+# Output heads shared with the input embeddings are not a task head: they stay frozen.
+TIED_HEADS = frozenset({"lm_head"})
 
 
 def load_tokenizer(path: str, revision: str | None = None):
@@ -47,7 +44,7 @@ def model_config(spec: JobSpec, path: str, labels: list[str] | None):
 
 
 def head_kwargs(spec: JobSpec, labels: list[str] | None) -> dict:
-    if labels is None or spec.task == "causal-lm":
+    if labels is None or not TASKS[spec.task].label_head:
         return {}
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {label: i for i, label in enumerate(labels)}}
@@ -83,3 +80,21 @@ def base_fingerprint(model: nn.Module, skip: tuple[str, ...] = ()) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Top-level modules beside the backbone: the task head (classifier, score, qa_outputs, ...)."""
+    backbone = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children()
+            if name != backbone and name not in TIED_HEADS and any(True for _ in child.parameters())]
+
+
+def is_decoder_only(model_config) -> bool:
+    """A causal-LM architecture without a masked-LM form (Llama, GPT-2, ...), from its HF config."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(model_config, "model_type", "")
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

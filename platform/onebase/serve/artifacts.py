@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onebase.errors import OnebaseError
+from onebase.errors import OnebaseError, error_line
 from onebase.manifest import MANIFEST, run_info
 from onebase.model.assets import cache_dir
+from onebase.tasks import TASKS
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-SERVED_TASKS = ("sequence-classification", "token-classification", "extractive-qa", "causal-lm")
-PEFT_TASKS = {"SEQ_CLS": "sequence-classification", "CAUSAL_LM": "causal-lm",
-              "TOKEN_CLS": "token-classification", "QUESTION_ANS": "extractive-qa"}
+SERVED_TASKS = tuple(TASKS)  # every task of the task table
+PEFT_TASKS = {task.peft_task_type: name for name, task in TASKS.items()}  # PEFT's task_type -> task
 
 
 class AdapterError(OnebaseError):
@@ -232,8 +232,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _first_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[0] if lines else "unknown error"
+    return error_line(text) or "unknown error"
 
 
 def _default_uri() -> str:

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from onebase.errors import error_line
+
 BASE = "__base__"
 
 
@@ -353,5 +355,4 @@ def _prompt_learning(model) -> bool:
 
 
 def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"generation failed: {(lines[0] if lines else type(err).__name__)[:300]}"
+    return f"generation failed: {error_line(err, limit=300)}"

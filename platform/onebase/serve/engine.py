@@ -26,19 +26,17 @@ import torch
 from torch import nn
 
 from onebase.data.prepare import render_prompt
+from onebase.errors import error_line
 from onebase.methods import get_method
-from onebase.methods.native import head_modules
 from onebase.model.assets import resolve_model
-from onebase.model.build import AUTO_CLASSES, base_fingerprint, load_tokenizer
+from onebase.model.build import AUTO_CLASSES, base_fingerprint, head_modules, is_decoder_only, load_tokenizer
 from onebase.serve.artifacts import AdapterError, AdapterInfo
 from onebase.serve.decode import Decoder, Sampling, Sequence
 from onebase.serve.gathered import GatheredLora
 from onebase.serve.heads import HEADS
 from onebase.serve.lora_pool import LoraPool
 from onebase.spec.schema import PromptSpec
-
-ROUTES = {"sequence-classification": "/v1/classify", "token-classification": "/v1/tag",
-          "extractive-qa": "/v1/answer", "causal-lm": "/v1/completions"}
+from onebase.tasks import ROUTES
 
 
 @dataclass
@@ -324,8 +322,6 @@ def _like(tensor: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _is_decoder(config) -> bool:
-    from onebase.methods.prompt_learning import is_decoder_only
-
     return is_decoder_only(config)
 
 
@@ -366,8 +362,7 @@ def _require_loaded(model: nn.Module, info: AdapterInfo) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:300]
+    return error_line(err, limit=300)
 
 
 def load_path(path: str | Path) -> AdapterInfo:

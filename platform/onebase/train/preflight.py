@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from onebase.data.sources import Dataset, load_dataset
-from onebase.errors import SpecError
+from onebase.errors import SpecError, error_line
 from onebase.methods import get_method
 from onebase.model.assets import check_model_available
 from onebase.spec.schema import JobSpec
@@ -74,9 +74,8 @@ def check_method_applies(spec: JobSpec, model_path: str, labels: list[str] | Non
             model = model_class(spec.task).from_config(config)
             get_method(spec.method.name).apply(model, spec.method, spec.task)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
-        lines = [line for line in str(err).strip().splitlines() if line.strip()]
         raise SpecError(f"method: {spec.method.name} cannot be applied to {spec.model.name}: "
-                        f"{lines[0] if lines else type(err).__name__}") from None
+                        f"{error_line(err)}") from None
 
 
 def check_tracking_uri(uri: str) -> None:
