@@ -199,13 +199,16 @@ class Packer:
 
 
 def rewrite_job(raw: dict[str, Any], packer: Packer) -> None:
-    data = raw.get("data") or {}
-    if isinstance(data, dict):
-        if "source" in data:
-            data["source"] = packer.data("data.source", data["source"])
-        validation = data.get("validation")
-        if isinstance(validation, dict) and validation.get("path"):
-            validation["path"] = packer.data("data.validation.path", validation["path"])
+    rewrite_data(raw.get("data"), packer, "data")
+    # Instruction-tuning mixtures and held-out tasks name more data files (spec/mixture.py).
+    data = raw.get("data")
+    for i, source in enumerate(as_list(data.get("mixture") if isinstance(data, dict) else None)):
+        if isinstance(source, dict) and "source" in source:
+            source["source"] = packer.data(f"data.mixture[{i}].source", source["source"])
+    evaluation = raw.get("evaluation")
+    for i, task in enumerate(as_list(evaluation.get("held_out") if isinstance(evaluation, dict) else None)):
+        if isinstance(task, dict):
+            rewrite_data(task.get("data"), packer, f"evaluation.held_out[{i}].data")
     model = raw.get("model")
     if isinstance(model, dict) and "name" in model:
         model["name"] = packer.model(model["name"])
@@ -213,6 +216,20 @@ def rewrite_job(raw: dict[str, Any], packer: Packer) -> None:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
+
+
+def rewrite_data(data: Any, packer: Packer, field: str) -> None:
+    if not isinstance(data, dict):
+        return
+    if "source" in data and data["source"] != "mixture":  # mixture: the rows come from data.mixture
+        data["source"] = packer.data(f"{field}.source", data["source"])
+    validation = data.get("validation")
+    if isinstance(validation, dict) and validation.get("path"):
+        validation["path"] = packer.data(f"{field}.validation.path", validation["path"])
+
+
+def as_list(value: Any) -> list:
+    return value if isinstance(value, list) else []
 
 
 def package(spec_path: str | Path, workdir: Path, overrides: list[str] | None = None,
