@@ -21,14 +21,12 @@ import string
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from onebase.spec.base import Strict
 
 MIXTURE_SOURCE = "mixture"  # data.source when the rows come from data.mixture
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def default_name(source: str) -> str:
@@ -60,7 +58,7 @@ def check_template(template: str | None, slots: set[str]) -> str | None:
     return template
 
 
-class MixtureSource(_Strict):
+class MixtureSource(Strict):
     """One task of an instruction-tuning mixture: its rows, how they are phrased, how much of it."""
 
     name: str | None = Field(None, description="names the source's metrics (default: from the source)")
@@ -106,13 +104,10 @@ def check_mixture(source: str, mixture: list[MixtureSource] | None) -> None:
     if source != MIXTURE_SOURCE:
         raise ValueError(f"data.mixture: set data.source: {MIXTURE_SOURCE} to train on the mixture "
                          f"(got source {source!r})")
-    names = [m.label for m in mixture]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise ValueError(f"data.mixture: two sources are named {duplicate!r}; give them distinct names")
+    check_unique([m.label for m in mixture], "data.mixture", "sources")
 
 
-class HeldOutFields(_Strict):
+class HeldOutFields(Strict):
     """A held-out task as a zero-shot prompt program (the prompt program spec's own fields)."""
 
     name: str | None = Field(None, description="names the metrics heldout/<name>/... (default: from the source)")
@@ -139,13 +134,18 @@ class HeldOutFields(_Strict):
         return "classification" if self.labels else "generation"
 
 
-class EvaluationFields(_Strict):
+class EvaluationFields(Strict):
     workers: int = Field(1, gt=0, description="Ray actors scoring held-out tasks (one model load each)")
     cpus_per_worker: float = Field(1, gt=0)
     batch_size: int = Field(8, gt=0)
 
 
 def check_held_out_names(names: list[str]) -> None:
+    check_unique(names, "evaluation.held_out", "tasks")
+
+
+def check_unique(names: list[str], field: str, what: str) -> None:
+    """Names key metrics (mixture/<source>/..., heldout/<task>/...): two alike would mix their figures."""
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise ValueError(f"evaluation.held_out: two tasks are named {duplicate!r}; give them distinct names")
+        raise ValueError(f"{field}: two {what} are named {duplicate!r}; give them distinct names")
