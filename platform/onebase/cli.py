@@ -72,11 +72,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from onebase.spec import parse_spec
     from onebase.sweep import report
     from onebase.sweep.run import run_sweep
-    from onebase.tracking.mlflow_run import default_tracking_uri
+    from onebase.tracking.mlflow_run import resolve_tracking_uri
 
     if args.report_only:
         job = parse_spec(base)
-        uri = args.tracking_uri or job.tracking.uri or default_tracking_uri()
+        uri = resolve_tracking_uri(args.tracking_uri, job.tracking.uri)
         out = Path(args.out or Path(job.output.path) / sweep.name / args.report_only)
         try:
             result = report.build(uri, args.report_only, sweep.metric, sweep.mode, out)

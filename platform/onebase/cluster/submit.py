@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from onebase.errors import ClusterError, DataError, OnebaseError, SpecError, error_line
+from onebase.spec.load import read_yaml
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5  # an unreachable cluster fails in seconds, never hangs
@@ -212,10 +213,6 @@ def rewrite_job(raw: dict[str, Any], packer: Packer) -> None:
     model = raw.get("model")
     if isinstance(model, dict) and "name" in model:
         model["name"] = packer.model(model["name"])
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
 
 
 def rewrite_data(data: Any, packer: Packer, field: str) -> None:

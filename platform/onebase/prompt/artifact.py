@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from onebase.errors import OnebaseError
+from onebase.errors import OnebaseError, validation_line
 from onebase.prompt.program import METHOD, Program
 
 MANIFEST = "onebase.json"
@@ -63,8 +63,7 @@ def load_program(directory: str | Path) -> Program:
     try:
         return Program.model_validate_json((root / PROGRAM).read_text())
     except ValidationError as err:
-        first = err.errors()[0]
-        raise OnebaseError(f"{directory}/{PROGRAM}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise OnebaseError(f"{directory}/{PROGRAM}: {validation_line(err)}") from None
 
 
 def _root(path: Path) -> Path | None:

@@ -186,7 +186,7 @@ def record(prepared: Prepared, spec_text: str, program: Program, metrics: dict[s
     from onebase.tracking import mlflow_run
 
     spec = prepared.spec
-    uri = tracking_uri or spec.tracking.uri or mlflow_run.default_tracking_uri()
+    uri = mlflow_run.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     export_dir = save_program(program, Path(spec.output.path).expanduser().resolve() / spec.name / "program",
                               metrics)
     run_id = tracking.start(uri, spec, spec_text)

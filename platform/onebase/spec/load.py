@@ -29,10 +29,11 @@ def read_spec_mapping(path: Path, what: str, overrides: list[str] | None = None)
     return raw
 
 
-def read_yaml(path: Path, missing: str) -> Any:
+def read_yaml(path: Path, missing: str | None = None) -> Any:
     """The YAML in `path`; SpecError in one line (`missing`, or the line where parsing failed)."""
+    path = Path(path)
     if not path.is_file():
-        raise SpecError(missing)
+        raise SpecError(missing or f"file not found: {path}")
     try:
         return yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -68,11 +69,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise SpecError(f"--set {item!r}: expected key.path=value")
+    set_dotted(raw, key, yaml.safe_load(value), where=f"--set {key}")
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """raw['a']['b']['c'] = value for key 'a.b.c', creating mappings on the way; SpecError (prefixed
+    with `where`, default the key) when a step on the way holds something else."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SpecError(f"--set {key}: {part} is not a mapping")
+            raise SpecError(f"{where or key}: {part} is not a mapping")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = value

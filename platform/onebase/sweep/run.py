@@ -31,7 +31,7 @@ def run_sweep(sweep: SweepSpec, base: dict[str, Any], sweep_text: str, address: 
     from onebase.train import launch
 
     first = parse_spec(base)
-    uri = tracking_uri or first.tracking.uri or mlflow_run.default_tracking_uri()
+    uri = mlflow_run.resolve_tracking_uri(tracking_uri, first.tracking.uri)
     trials = draw_trials(sweep)
     model_path = check_model_available(first.model.name, first.model.revision)
     for trial in trials:  # bases that a method cannot use (e.g. soft prompts on a decoder classifier)

@@ -28,7 +28,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from onebase.errors import SpecError
-from onebase.spec.load import apply_override, describe, parse_spec, read_yaml
+from onebase.spec.load import apply_override, describe, parse_spec, read_yaml, set_dotted
 from onebase.spec.schema import JobSpec, Strict
 
 RANGES = {"loguniform", "uniform", "randint"}
@@ -188,14 +188,6 @@ def trial_job(base: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     for key, value in trial["overrides"].items():
         set_dotted(job, key, value)
     return job
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
 
 
 def trial_spec(base: dict[str, Any], trial: dict[str, Any]) -> JobSpec:

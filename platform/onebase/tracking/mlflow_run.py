@@ -19,6 +19,11 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(given: str | None, spec_uri: str | None = None) -> str:
+    """Where a command tracks: --tracking-uri, else the spec's tracking.uri, else the default above."""
+    return given or spec_uri or default_tracking_uri()
+
+
 def client(uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -53,8 +58,6 @@ def experiment_id(uri: str, name: str) -> str:
 
 def start_run(uri: str, spec: JobSpec, spec_text: str, run_name: str | None = None,
               parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-    from mlflow.entities import Param
-
     mlflow_client = client(uri)
     run_tags = {"onebase.job": spec.name, "onebase.task": spec.task, "onebase.method": spec.method.name,
                 **(tags or {})}
@@ -62,10 +65,7 @@ def start_run(uri: str, spec: JobSpec, spec_text: str, run_name: str | None = No
         run_tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow_client.create_run(experiment_id(uri, spec.tracking.experiment), run_name=run_name or spec.name,
                                    tags=run_tags)
-    params = flatten(spec.model_dump(mode="json"))
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        mlflow_client.log_batch(run.info.run_id, params=items[i: i + 100])
+    log_params(mlflow_client, run.info.run_id, flatten(spec.model_dump(mode="json")))
     mlflow_client.log_text(run.info.run_id, spec_text, "spec.yaml")
     return run.info.run_id
 
@@ -77,13 +77,24 @@ def start_sweep_run(uri: str, experiment: str, name: str, sweep_text: str) -> st
     return run.info.run_id
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0, mlflow_client=None) -> None:
+    """One batch of metrics at `step`; `mlflow_client`: one the caller holds (the training workers')."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    (mlflow_client or client(uri)).log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                                               for k, v in metrics.items()])
+
+
+def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
+    """Params as strings, 100 per call (MLflow's limit per batch)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        mlflow_client.log_batch(run_id, params=items[i: i + 100])
 
 
 def run_url(uri: str, run_id: str) -> str:

@@ -48,7 +48,7 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     """`verbose`: Ray's, DeepSpeed's and the workers' own log lines on the console too;
     `progress`: the live progress bar / lines (see train/console.py)."""
     started = time.time()  # the worker reports how long it took from here to its first step
-    uri = tracking_uri or spec.tracking.uri or mlflow_run.default_tracking_uri()
+    uri = mlflow_run.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     job_dir = Path(spec.output.path).expanduser().resolve() / spec.name
     previous = read_state(job_dir) if resume else None
 

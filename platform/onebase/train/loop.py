@@ -26,6 +26,7 @@ from onebase.methods import get_method
 from onebase.methods.base import trainable_parameters
 from onebase.model.build import load_model, load_tokenizer
 from onebase.spec.schema import JobSpec
+from onebase.tracking import mlflow_run
 from onebase.train import zero3
 from onebase.train.console import Reporter
 from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
@@ -319,16 +320,12 @@ class Tracker:
     def __init__(self, config: dict[str, Any], rank: int) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=config["tracking_uri"])
+        self.uri = config["tracking_uri"]
+        self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id = config["mlflow_run_id"]
 
     def params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        mlflow_run.log_params(self.client, self.run_id, params)
 
     def metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        mlflow_run.log_metrics(self.uri, self.run_id, metrics, step, mlflow_client=self.client)

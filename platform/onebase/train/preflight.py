@@ -135,9 +135,9 @@ def check_writable(folder: Path, field: str) -> None:
 def validate_job(spec: JobSpec, tracking_uri: str | None = None, address: str | None = None) -> str:
     """`onebase validate`: the same checks as `onebase run`; with an address, also whether the
     workers fit that running cluster (Ray is asked, never started). Returns a one-line summary."""
-    from onebase.tracking.mlflow_run import default_tracking_uri
+    from onebase.tracking.mlflow_run import resolve_tracking_uri
 
-    checked = preflight(spec, tracking_uri or spec.tracking.uri or default_tracking_uri())
+    checked = preflight(spec, resolve_tracking_uri(tracking_uri, spec.tracking.uri))
     summary = f"{len(checked.dataset.train)} training / {len(checked.dataset.validation)} validation rows"
     if address:
         summary += f"; fits {address}"
