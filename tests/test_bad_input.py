@@ -14,6 +14,14 @@ def ray_sessions(ray_tmp: Path) -> list[Path]:
     return list(ray_tmp.rglob("session_*"))
 
 
+def test_the_no_ray_check_finds_a_session_when_ray_did_start(ray_cluster):
+    # Every "Ray must not start" below rests on this: a started Ray leaves a session under RAY_TMPDIR.
+    import os
+
+    assert ray_sessions(Path(os.environ["RAY_TMPDIR"])), "a running Ray left no session dir to find"
+    assert not ray_sessions(fresh_ray_tmp())
+
+
 def fresh_ray_tmp() -> Path:
     return Path(tempfile.mkdtemp(prefix="obbad-", dir="/tmp"))  # short: Ray's socket paths are limited
 

@@ -108,6 +108,19 @@ def test_sweep_over_every_method_reports_and_registers(ray_cluster, another_ray_
     # Adapters are far smaller than the full fine-tune, in parameters and on disk.
     rows = {row["method"]: row for row in result["table"]}
     assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] / 10
+    # On disk: each finished trial's export folder, weighed here, against the full fine-tune's fp32
+    # weights (4 bytes a parameter). ASHA may stop the full trial; when it finished, it holds them all.
+    full_bytes = 4 * rows["full"]["trainable_params"]
+    on_disk = {}
+    for child in finished:
+        export = result["report_dir"] / "trials" / child.data.tags["onebase.trial"] / "export"
+        on_disk[child.data.tags["onebase.method"]] = sum(p.stat().st_size for p in export.glob("*.safetensors"))
+        assert on_disk[child.data.tags["onebase.method"]] == child.data.metrics["adapter_bytes"]  # what the table shows
+    adapters = {method: size for method, size in on_disk.items() if method != "full"}
+    assert adapters, "no adapter trial finished"
+    assert 0 < min(adapters.values()) < full_bytes / 10, (adapters, full_bytes)
+    if "full" in on_disk:
+        assert on_disk["full"] >= full_bytes > 10 * min(adapters.values())
 
     # --report-only rebuilds the same report from MLflow alone.
     out = tmp_path / "again"
