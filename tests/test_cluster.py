@@ -225,114 +225,187 @@ def http_json(url: str, body: dict | None = None, key: str | None = None, timeou
         return response.status, json.loads(response.read())
 
 
-@pytest.mark.slow
-def test_cluster_end_to_end(workspace, tmp_path):
-    from mlflow.tracking import MlflowClient
+# The stack starts once for the module (fixtures below, module-scoped); each test checks one feature,
+# so one failure does not hide the others. Jobs are submitted together and waited for later, in the
+# order of the tests below (the jobs, then a sweep while a Serve app deploys), as one user session would.
 
+ENV = {"RAY_AUTH_MODE": "disabled"}  # the stack runs without Ray token auth (a loopback dev cluster)
+
+
+class Stack:
+    def __init__(self, state_dir: Path, started, info: dict, workspace: Path) -> None:
+        self.state_dir, self.started, self.info, self.workspace = state_dir, started, info, workspace
+        self.stopped = None  # the `stop` command's result, once stopped
+
+    def cli(self, *args, timeout=120):
+        return onebase_cli(*args, "--address", self.info["dashboard"], cwd=self.workspace, env=ENV, timeout=timeout)
+
+    def stop(self):
+        if self.stopped is None:
+            self.stopped = subprocess.run(["bash", str(REPO / "infra" / "local-stack.sh"), "stop", "--dir",
+                                           str(self.state_dir)], capture_output=True, text=True, timeout=120)
+        return self.stopped
+
+
+@pytest.fixture(scope="module")
+def local_stack(workspace, tmp_path_factory):
     from onebase.cluster import stack
 
-    state_dir = tmp_path / "stack"
-    script = str(REPO / "infra" / "local-stack.sh")
-    env = {"RAY_AUTH_MODE": "disabled"}  # the stack runs without Ray token auth (a loopback dev cluster)
-    started = subprocess.run(["bash", script, "start", "--dir", str(state_dir)], capture_output=True, text=True,
-                             timeout=300, env={**os.environ, **env})
+    state_dir = tmp_path_factory.mktemp("stack")
+    started = subprocess.run(["bash", str(REPO / "infra" / "local-stack.sh"), "start", "--dir", str(state_dir)],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
     info = stack.read_state(state_dir)
     assert info, started.stderr[-3000:]
+    running = Stack(state_dir, started, info, workspace)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
-        address, mlflow_uri = info["dashboard"], info["mlflow"]
-        assert f"jobs/dashboard: {address}" in started.stdout and mlflow_uri in started.stdout
-        status = stack.status(state_dir)
-        assert status["running"] and status["ray_nodes"] == 2 and status["mlflow_ok"]
-
-        def cli(*args, timeout=120):
-            return onebase_cli(*args, "--address", address, cwd=workspace, env=env, timeout=timeout)
-
-        good = write_spec(workspace / "cluster-ok.yaml", small_job("cluster-ok"))
-        bad = write_spec(workspace / "cluster-fail.yaml", small_job("cluster-fail"))
-        submitted = cli("submit", str(good), "--tracking-uri", mlflow_uri)
-        assert submitted.returncode == 0, submitted.stderr[-3000:]
-        ok_id = submitted.stdout.strip()
-        # No --tracking-uri: the job takes MLFLOW_TRACKING_URI from the cluster's environment.
-        failing = cli("submit", str(bad), "--env", "ONEBASE_FAIL_AT_STEP=2")
-        assert failing.returncode == 0, failing.stderr[-3000:]
-        fail_id = failing.stdout.strip()
-        assert "tracking: the cluster's MLFLOW_TRACKING_URI" in failing.stderr
-
-        stopping = cli("submit", str(write_spec(workspace / "cluster-stop.yaml", small_job("cluster-stop"))))
-        assert stopping.returncode == 0, stopping.stderr[-3000:]
-        stopped_job = cli("jobs", "stop", stopping.stdout.strip())
-        assert stopped_job.returncode == 0 and stopped_job.stdout.strip().endswith(": STOPPED"), stopped_job.stdout
-
-        listed = cli("jobs", "list")
-        assert ok_id in listed.stdout and fail_id in listed.stdout and "onebase run cluster-ok.yaml" in listed.stdout
-        assert "no such job" in one_error(cli("jobs", "status", "no-such-job"))
-
-        done = cli("jobs", "status", ok_id, "--wait", "--timeout", "400", timeout=450)
-        logs = cli("jobs", "logs", ok_id).stdout
-        assert done.returncode == 0 and "status:     SUCCEEDED" in done.stdout, done.stdout + logs[-4000:]
-        assert "[onebase] step 1/4" in logs and "registered: cluster-ok/1" in logs
-
-        failed = cli("jobs", "status", fail_id, "--wait", "--timeout", "400", timeout=450)
-        assert failed.returncode == 1 and "status:     FAILED" in failed.stdout, failed.stdout
-        assert "reason:     onebase: error: training failed: RuntimeError: injected failure at step 2" in failed.stdout
-        assert "log tail" in failed.stdout
-
-        client = MlflowClient(tracking_uri=mlflow_uri)
-        version = client.get_model_version("cluster-ok", "1")
-        assert version.tags["method"] == "lora" and len(version.tags["base_sha256"]) == 64
-        assert client.get_run(version.run_id).info.status == "FINISHED"
-        failed_runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
-                                         "tags.`onebase.job` = 'cluster-fail'")
-        assert [r.info.status for r in failed_runs] == ["FAILED"]
-
-        # A sweep too, with a local data file that has to travel with it; it runs while we deploy.
-        csv = workspace / "sweep-rows.csv"
-        csv.write_text("text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} day {i},{'pos' if i % 2 else 'neg'}\n"
-                                               for i in range(120)))
-        write_spec(workspace / "cluster-sweep-base.yaml", small_job(
-            "cluster-sweep-base", model=TINY_BERT, data={"source": csv.name, "max_samples": 64, "max_length": 16},
-            train={"max_steps": 2, "batch_size": 16, "eval_every_steps": 1, "log_every_steps": 1}))
-        sweep = workspace / "cluster-sweep.yaml"
-        sweep.write_text(yaml.safe_dump({"name": "cluster-sweep", "job": "cluster-sweep-base.yaml",
-                                         "metric": "accuracy", "methods": {"lora": {"r": [4]}}}))
-        swept = cli("submit", str(sweep), "--tracking-uri", mlflow_uri)
-        assert swept.returncode == 0, swept.stderr[-3000:]
-        sweep_id = swept.stdout.strip()
-        assert "(with 1 local file(s))" in swept.stderr
-
-        # Serving on the same cluster, from the registry, through the dashboard's REST API.
-        port = free_port()
-        config = workspace / "cluster-serve.yaml"
-        config.write_text(yaml.safe_dump({
-            "proxy_location": "HeadOnly",  # both nodes share 127.0.0.1: one proxy, one port
-            "http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [{
-                "name": "onebase", "route_prefix": "/", "import_path": "onebase.serve.app:build",
-                "args": {"tracking_uri": mlflow_uri,
-                         "bases": [{"name": "minilm", "task": "sequence-classification", "cpus": 0.5}],
-                         "adapters": [{"id": "tweet-sentiment", "source": "models:/cluster-ok/1"}],
-                         "auth": {"api_keys_env": "TEST_KEYS", "admin_token": "secret"}},
-            }],
-        }, sort_keys=False))
-        deployed = cli("deploy", str(config), "--env", "TEST_KEYS=k1,k2", "--timeout", "300", timeout=360)
-        assert deployed.returncode == 0, deployed.stderr[-3000:]
-        assert f"onebase: RUNNING at http://127.0.0.1:{port}/" in deployed.stdout
-        code, answer = http_json(f"http://127.0.0.1:{port}/v1/classify",
-                                 {"model": "tweet-sentiment", "input": ["I love this", "this is awful"]}, key="k2")
-        assert code == 200 and answer["model"] == "tweet-sentiment", answer
-        assert [row["label"] in TWEET_LABELS for row in answer["data"]] == [True, True], answer
-        assert set(answer["data"][0]["probabilities"]) == TWEET_LABELS
-        assert "onebase: RUNNING" in cli("deploy", "--status").stdout
-
-        swept = cli("jobs", "status", sweep_id, "--wait", "--timeout", "400", timeout=450)
-        assert swept.returncode == 0, swept.stdout + cli("jobs", "logs", sweep_id, "--tail", "60").stdout
-        assert "registered lora: cluster-sweep-base/1" in cli("jobs", "logs", sweep_id).stdout
-        assert client.get_model_version("cluster-sweep-base", "1").tags["method"] == "lora"
+        yield running
     finally:
-        stopped = subprocess.run(["bash", script, "stop", "--dir", str(state_dir)], capture_output=True, text=True,
-                                 timeout=120)
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def jobs(local_stack):
+    """Submitted together: one that succeeds, one that fails at step 2, one stopped at once."""
+    cli, workspace = local_stack.cli, local_stack.workspace
+    good = write_spec(workspace / "cluster-ok.yaml", small_job("cluster-ok"))
+    bad = write_spec(workspace / "cluster-fail.yaml", small_job("cluster-fail"))
+    ok = cli("submit", str(good), "--tracking-uri", local_stack.info["mlflow"])
+    # No --tracking-uri: the job takes MLFLOW_TRACKING_URI from the cluster's environment.
+    failing = cli("submit", str(bad), "--env", "ONEBASE_FAIL_AT_STEP=2")
+    stopping = cli("submit", str(write_spec(workspace / "cluster-stop.yaml", small_job("cluster-stop"))))
+    return {"ok": ok, "fail": failing, "stop": stopping}
+
+
+@pytest.fixture(scope="module")
+def finished_jobs(local_stack, jobs):
+    """The succeeding and the failing job, waited for (status --wait), with the good job's logs."""
+    ok_id, fail_id = jobs["ok"].stdout.strip(), jobs["fail"].stdout.strip()
+    done = local_stack.cli("jobs", "status", ok_id, "--wait", "--timeout", "400", timeout=450)
+    failed = local_stack.cli("jobs", "status", fail_id, "--wait", "--timeout", "400", timeout=450)
+    return {"done": done, "logs": local_stack.cli("jobs", "logs", ok_id).stdout, "failed": failed}
+
+
+@pytest.fixture(scope="module")
+def sweep_job(local_stack, finished_jobs):
+    """A sweep with a local data file that has to travel with it; it runs while the Serve app deploys."""
+    workspace = local_stack.workspace
+    csv = workspace / "sweep-rows.csv"
+    csv.write_text("text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} day {i},{'pos' if i % 2 else 'neg'}\n"
+                                           for i in range(120)))
+    write_spec(workspace / "cluster-sweep-base.yaml", small_job(
+        "cluster-sweep-base", model=TINY_BERT, data={"source": csv.name, "max_samples": 64, "max_length": 16},
+        train={"max_steps": 2, "batch_size": 16, "eval_every_steps": 1, "log_every_steps": 1}))
+    sweep = workspace / "cluster-sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "cluster-sweep", "job": "cluster-sweep-base.yaml",
+                                     "metric": "accuracy", "methods": {"lora": {"r": [4]}}}))
+    return local_stack.cli("submit", str(sweep), "--tracking-uri", local_stack.info["mlflow"])
+
+
+@pytest.fixture(scope="module")
+def deployed(local_stack, finished_jobs, sweep_job):
+    """Serving on the same cluster, the good job's adapter from the registry, through the dashboard's REST API."""
+    port = free_port()
+    config = local_stack.workspace / "cluster-serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "proxy_location": "HeadOnly",  # both nodes share 127.0.0.1: one proxy, one port
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "onebase", "route_prefix": "/", "import_path": "onebase.serve.app:build",
+            "args": {"tracking_uri": local_stack.info["mlflow"],
+                     "bases": [{"name": "minilm", "task": "sequence-classification", "cpus": 0.5}],
+                     "adapters": [{"id": "tweet-sentiment", "source": "models:/cluster-ok/1"}],
+                     "auth": {"api_keys_env": "TEST_KEYS", "admin_token": "secret"}},
+        }],
+    }, sort_keys=False))
+    result = local_stack.cli("deploy", str(config), "--env", "TEST_KEYS=k1,k2", "--timeout", "300", timeout=360)
+    return port, result
+
+
+@pytest.mark.slow
+def test_the_local_stack_starts_two_ray_nodes_and_mlflow(local_stack):
+    from onebase.cluster import stack
+
+    address, mlflow_uri = local_stack.info["dashboard"], local_stack.info["mlflow"]
+    assert f"jobs/dashboard: {address}" in local_stack.started.stdout and mlflow_uri in local_stack.started.stdout
+    status = stack.status(local_stack.state_dir)
+    assert status["running"] and status["ray_nodes"] == 2 and status["mlflow_ok"]
+
+
+@pytest.mark.slow
+def test_jobs_are_submitted_listed_and_stopped(local_stack, jobs):
+    for result in jobs.values():
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "tracking: the cluster's MLFLOW_TRACKING_URI" in jobs["fail"].stderr
+    stopped_job = local_stack.cli("jobs", "stop", jobs["stop"].stdout.strip())
+    assert stopped_job.returncode == 0 and stopped_job.stdout.strip().endswith(": STOPPED"), stopped_job.stdout
+    listed = local_stack.cli("jobs", "list").stdout
+    assert jobs["ok"].stdout.strip() in listed and jobs["fail"].stdout.strip() in listed
+    assert "onebase run cluster-ok.yaml" in listed
+    assert "no such job" in one_error(local_stack.cli("jobs", "status", "no-such-job"))
+
+
+@pytest.mark.slow
+def test_a_submitted_job_trains_and_registers_its_adapter_in_the_clusters_mlflow(local_stack, finished_jobs):
+    from mlflow.tracking import MlflowClient
+
+    done, logs = finished_jobs["done"], finished_jobs["logs"]
+    assert done.returncode == 0 and "status:     SUCCEEDED" in done.stdout, done.stdout + logs[-4000:]
+    assert "[onebase] step 1/4" in logs and "registered: cluster-ok/1" in logs
+    client = MlflowClient(tracking_uri=local_stack.info["mlflow"])
+    version = client.get_model_version("cluster-ok", "1")
+    assert version.tags["method"] == "lora" and len(version.tags["base_sha256"]) == 64
+    assert client.get_run(version.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_failing_job_reports_its_reason_in_one_line_and_its_run_failed(local_stack, finished_jobs):
+    from mlflow.tracking import MlflowClient
+
+    failed = finished_jobs["failed"]
+    assert failed.returncode == 1 and "status:     FAILED" in failed.stdout, failed.stdout
+    assert "reason:     onebase: error: training failed: RuntimeError: injected failure at step 2" in failed.stdout
+    assert "log tail" in failed.stdout
+    client = MlflowClient(tracking_uri=local_stack.info["mlflow"])
+    failed_runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
+                                     "tags.`onebase.job` = 'cluster-fail'")
+    assert [r.info.status for r in failed_runs] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_serve_deploys_on_the_cluster_and_classifies_with_the_registered_adapter(local_stack, deployed):
+    port, result = deployed
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"onebase: RUNNING at http://127.0.0.1:{port}/" in result.stdout
+    code, answer = http_json(f"http://127.0.0.1:{port}/v1/classify",
+                             {"model": "tweet-sentiment", "input": ["I love this", "this is awful"]}, key="k2")
+    assert code == 200 and answer["model"] == "tweet-sentiment", answer
+    assert [row["label"] in TWEET_LABELS for row in answer["data"]] == [True, True], answer
+    assert set(answer["data"][0]["probabilities"]) == TWEET_LABELS
+    assert "onebase: RUNNING" in local_stack.cli("deploy", "--status").stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_local_data_file_runs_on_the_cluster_and_registers_its_best(local_stack, sweep_job, deployed):
+    from mlflow.tracking import MlflowClient
+
+    assert sweep_job.returncode == 0, sweep_job.stderr[-3000:]
+    assert "(with 1 local file(s))" in sweep_job.stderr
+    sweep_id = sweep_job.stdout.strip()
+    swept = local_stack.cli("jobs", "status", sweep_id, "--wait", "--timeout", "400", timeout=450)
+    assert swept.returncode == 0, swept.stdout + local_stack.cli("jobs", "logs", sweep_id, "--tail", "60").stdout
+    assert "registered lora: cluster-sweep-base/1" in local_stack.cli("jobs", "logs", sweep_id).stdout
+    client = MlflowClient(tracking_uri=local_stack.info["mlflow"])
+    assert client.get_model_version("cluster-sweep-base", "1").tags["method"] == "lora"
+
+
+@pytest.mark.slow
+def test_stopping_the_stack_leaves_none_of_its_processes(local_stack):
+    from onebase.cluster import stack
+
+    stopped = local_stack.stop()
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    info = local_stack.info
     assert stack.stack_pids(info["id"]) == []
     assert not any(stack.alive(pid) for pid in info["pids"].values())
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
