@@ -144,3 +144,14 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     assert done.stdout.strip() == "FAILED:"
+
+
+def test_job_and_sweep_specs_validate_without_the_methods_torch_or_peft():
+    # spec -> methods is one-way: checking a spec (`onebase validate`, `submit`) needs only the schemas.
+    code = ("import sys; from onebase.spec import load_spec; from onebase.sweep.spec import load_sweep; "
+            "load_spec('jobs/tweet-sentiment-lora.yaml'); load_sweep('jobs/sweep-adapters.yaml'); "
+            "print(sorted(m for m in ('onebase.methods', 'torch', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"

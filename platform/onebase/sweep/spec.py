@@ -91,12 +91,12 @@ def read_job(path: Path) -> dict[str, Any]:
 
 def check(sweep: SweepSpec, base: dict[str, Any], source: str) -> None:
     """Fail before Tune starts: unknown method, a field the method lacks, empty ranges, bad combos."""
-    from onebase.methods import METHODS
+    from onebase.spec.method_configs import METHOD_CONFIGS  # the schemas alone: no torch, no PEFT
 
     for method, space in sweep.methods.items():
-        if method not in METHODS:
-            raise SpecError(f"{source}: methods.{method}: unknown method (known: {', '.join(sorted(METHODS))})")
-        fields = set(METHODS[method].config_class.model_fields) - {"name"}
+        if method not in METHOD_CONFIGS:
+            raise SpecError(f"{source}: methods.{method}: unknown method (known: {', '.join(sorted(METHOD_CONFIGS))})")
+        fields = set(METHOD_CONFIGS[method].model_fields) - {"name"}
         for key, value in space.items():
             if "." not in key and key not in fields:
                 known = ", ".join(sorted(fields)) or "none"
