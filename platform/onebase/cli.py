@@ -123,7 +123,8 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "validate": cmd_validate}
 
 # Further command groups: modules with `register(subparsers) -> {command: handler}`. Their
 # top-level imports stay light (argparse only) so `onebase --help` and bad input stay fast.
-COMMAND_GROUPS: list[str] = ["onebase.serve.cli", "onebase.cluster.cli", "onebase.prompt.cli"]
+COMMAND_GROUPS: list[str] = ["onebase.serve.cli", "onebase.cluster.cli", "onebase.prompt.cli",
+                              "onebase.compare.cli"]
 
 
 def command_groups():

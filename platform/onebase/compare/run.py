@@ -1,0 +1,292 @@
+"""Run a compare: one MLflow parent run, a child run per row. Prompt rows run on Ray actors (one
+model load per base, every program and seed scored on it), training rows as Ray Train jobs inside
+Ray Tune (a learning-rate search per method), the generalist as a Ray Train job then a program on
+its export. A row that fails is recorded failed with its one-line reason; the others go on."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onebase.compare.plan import Row
+from onebase.compare.rows import digest, ids_of_dataset_rows, row_ids
+from onebase.compare.spec import CompareSpec
+from onebase.errors import root_cause
+from onebase.tracking import mlflow_run
+
+ROW_TAG = "onebase.compare.row"
+
+
+def start_parent(uri: str, spec: CompareSpec, text: str) -> str:
+    client = mlflow_run.client(uri)
+    run = client.create_run(mlflow_run.experiment_id(uri, spec.tracking.experiment), run_name=spec.name,
+                            tags={"onebase.compare": spec.name, "onebase.compare.metric": spec.metric_name()})
+    client.log_text(run.info.run_id, text, "compare.yaml")
+    return run.info.run_id
+
+
+def start_child(uri: str, spec: CompareSpec, parent: str, row: Row) -> str:
+    client = mlflow_run.client(uri)
+    run = client.create_run(mlflow_run.experiment_id(uri, spec.tracking.experiment), run_name=row.name,
+                            tags={"mlflow.parentRunId": parent, "onebase.compare.kind": row.kind})
+    return run.info.run_id
+
+
+def adopt(uri: str, run_id: str, parent: str) -> None:
+    """A run made by `prompt eval|search` or `onebase run` becomes a child of this contender's run."""
+    mlflow_run.client(uri).set_tag(run_id, "mlflow.parentRunId", parent)
+
+
+def finish_child(uri: str, run_id: str, record: dict[str, Any], ids: list[str] | None) -> None:
+    """Everything the report needs goes on the child run, so --report-only rebuilds from MLflow alone."""
+    client = mlflow_run.client(uri)
+    if ids is not None:
+        client.log_dict(run_id, ids, "eval_row_ids.json")
+        record["eval_rows"], record["eval_rows_sha256"] = len(ids), digest(ids)
+    client.set_tag(run_id, ROW_TAG, json.dumps(record, default=float)[:7900])
+    numbers = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)
+               and not math.isnan(v)}
+    mlflow_run.log_metrics(uri, run_id, numbers)
+    client.set_terminated(run_id, "FINISHED" if record["status"] == "finished" else "FAILED")
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def run_compare(spec: CompareSpec, rows: list[Row], text: str, address: str | None = None,
+                tracking_uri: str | None = None, echo=print) -> dict[str, Any]:
+    from onebase.compare import report
+    from onebase.train.launch import connect_ray
+
+    uri = mlflow_run.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    connect_ray(address, quiet=True)  # first: it sets Ray Train's env vars when Ray starts
+    parent = start_parent(uri, spec, text)
+    out_dir = Path(spec.output.path).expanduser().resolve() / spec.name / parent
+    echo(f"compare {spec.name}: {len(rows)} rows; mlflow parent run {parent}")
+    workers: dict[tuple, Any] = {}
+    try:
+        for row in rows:
+            child = start_child(uri, spec, parent, row)
+            started = time.monotonic()
+            record: dict[str, Any] = {"name": row.name, "kind": row.kind, "base": row.base, **row.params}
+            ids = None
+            try:
+                result, ids = RUNNERS[row.kind](spec, row, uri, child, out_dir / row.name, workers)
+                record.update(result, status="finished")
+            except Exception as err:  # one row's failure is reported; the others still run
+                record.update(status="failed", reason=root_cause(err))
+            record["wall_s"] = time.monotonic() - started
+            finish_child(uri, child, record, ids)
+            shown = (f"{record.get('metric', math.nan):.4f}" if record["status"] == "finished"
+                     else f"FAILED: {record['reason']}")
+            echo(f"[compare] {row.name}: {shown}")
+    finally:
+        for pool in workers.values():
+            pool.close()
+    result = report.build(uri, parent, out_dir)
+    mlflow_run.client(uri).set_terminated(parent, "FINISHED")
+    return result
+
+
+# --- majority class -------------------------------------------------------------------------------
+
+def run_majority(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
+    import ray
+
+    from onebase.data.sources import load_dataset
+    from onebase.spec.load import parse_spec
+
+    job = parse_spec({"name": f"{spec.name}-majority", "task": "sequence-classification",
+                      "model": next(iter(spec.bases.values())).model_dump(exclude_none=True),
+                      "data": spec.data.model_dump(exclude_none=True)})
+    dataset = load_dataset(job)
+
+    @ray.remote(num_cpus=0.5)
+    def majority(train_labels: list[str], golds: list[str], labels: list[str]) -> dict[str, Any]:
+        from sklearn.metrics import f1_score
+
+        top = Counter(train_labels).most_common(1)[0][0]  # the training split's most frequent label
+        preds = [top] * len(golds)
+        return {"label": top, "accuracy": sum(p == g for p, g in zip(preds, golds)) / len(golds),
+                "macro_f1": float(f1_score(golds, preds, labels=labels, average="macro", zero_division=0))}
+
+    scored = ray.get(majority.remote([r["label"] for r in dataset.train], [r["label"] for r in dataset.validation],
+                                     dataset.labels))
+    return ({"metric": scored[spec.metric_name()], "metric_std": 0.0, "seeds": 1, "answer": scored["label"],
+             "trainable_params": 0, "stored_bytes": len(scored["label"].encode()), "train_seconds": 0.0,
+             "prompt_tokens_per_query": 0.0, "ms_per_query": 0.0},
+            ids_of_dataset_rows(dataset.validation, True))
+
+
+# --- prompt programs ------------------------------------------------------------------------------
+
+def pool_for(workers: dict, program) -> Any:
+    """One set of Ray actors per (base, adapter): each loads the model once for every program on it."""
+    from onebase.prompt.evaluate import Workers, prepare
+
+    key = (program.base, program.base_init, json.dumps(program.base_config_overrides, sort_keys=True),
+           program.adapter)
+    if key not in workers:
+        for other in list(workers):  # two bases' actors at once would not fit 2 CPUs
+            workers.pop(other).close()
+        workers[key] = Workers(program, prepare(program).model_path)
+    return workers[key]
+
+
+def run_programs(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
+    """Every seed's program scored on the evaluation rows; each seed logged, the best registered."""
+    from onebase.prompt.demos import build_program
+    from onebase.prompt.evaluate import evaluate_on, finalise, prepare, record
+
+    scored = []
+    for program_spec in row.programs:
+        prepared = prepare(program_spec)
+        pool = pool_for(workers, program_spec)
+        program = finalise(build_program(program_spec, prepared.dataset.train, prepared.dataset.labels,
+                                         pool.fingerprint()), pool)
+        metrics, predictions = evaluate_on(pool, prepared, program)
+        scored.append((program_spec, prepared, program, metrics, predictions))
+    metric = spec.metric_name()
+    best = max(range(len(scored)), key=lambda i: scored[i][3][metric])
+    for i, (program_spec, prepared, program, metrics, predictions) in enumerate(scored):
+        text = yaml.safe_dump(program_spec.model_dump(mode="json"), sort_keys=False)
+        result = record(prepared, text, program, metrics, predictions, tracking_uri=uri, register=i == best)
+        adopt(uri, result.run_id, child)
+        if i == best:
+            registered, export_dir = result.registered, result.export_dir
+    values = [s[3][metric] for s in scored]
+    mean, std = spread(values)
+    ids = row_ids(list(zip(scored[0][1].queries, scored[0][1].golds)))
+    if any(row_ids(list(zip(s[1].queries, s[1].golds))) != ids for s in scored):
+        raise RuntimeError("the seeds of this row were scored on different rows")
+    cost = [s[3] for s in scored]
+    return ({"metric": mean, "metric_std": std, "seeds": len(values), "per_seed": values,
+             "trainable_params": 0, "stored_bytes": dir_bytes(export_dir), "train_seconds": 0.0,
+             "prompt_tokens_per_query": statistics.fmean(c["prompt_tokens_per_query"] for c in cost),
+             "ms_per_query": statistics.fmean(c["ms_per_query"] for c in cost), "registered": registered}, ids)
+
+
+def run_ape(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
+    from onebase.prompt.evaluate import prepare
+    from onebase.prompt.search import search_program
+
+    for pool in list(workers):  # search starts its own actors
+        workers.pop(pool).close()
+    program_spec = row.programs[0]
+    result = search_program(program_spec, yaml.safe_dump(program_spec.model_dump(mode="json")), tracking_uri=uri,
+                            echo=lambda *_: None)
+    adopt(uri, result.run_id, child)
+    prepared = prepare(program_spec)
+    m = result.metrics
+    return ({"metric": m[spec.metric_name()], "metric_std": 0.0, "seeds": 1, "instruction": result.extra["best"],
+             "trainable_params": 0, "stored_bytes": dir_bytes(result.export_dir),
+             "train_seconds": m.get("wall_seconds", 0.0), "prompt_tokens_per_query": m["prompt_tokens_per_query"],
+             "ms_per_query": m["ms_per_query"], "registered": result.registered},
+            row_ids(list(zip(prepared.queries, prepared.golds))))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# --- training rows (Ray Tune over the learning rate) ----------------------------------------------
+
+def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
+    from onebase.data.sources import load_dataset
+    from onebase.model.assets import check_model_available
+    from onebase.sweep import report as sweep_report
+    from onebase.sweep.run import tune_trials
+    from onebase.sweep.spec import draw_trials, trial_spec
+    from onebase.train.launch import worker_slots
+
+    for pool in list(workers):  # the prompt actors' CPUs go to the training workers
+        workers.pop(pool).close()
+    trials = draw_trials(row.sweep)
+    first = trial_spec(row.job, trials[0])
+    concurrency = max(1, min(row.sweep.max_concurrent_trials, worker_slots(first) // first.scaling.num_workers))
+    errored = tune_trials(row.sweep, row.job, trials, uri, child, out, concurrency)
+    sweep_report.close_stopped_trials(uri, child, errored)
+    result = sweep_report.build(uri, child, spec.metric_name(), "max", out)
+    registered = sweep_report.register_best(uri, result, first.tracking.registered_model or first.name)
+    best = result["table"][0]
+    draws = [r["metric"] for r in result["trials"] if not math.isnan(r["metric"])]
+    dataset = load_dataset(first)
+    classification = spec.task == "classification"
+    ids = ids_of_dataset_rows(dataset.validation, classification)
+    record = {"metric": best["metric"], "metric_std": math.nan, "seeds": 1, "draws_scored": len(draws),
+              "draw_min": min(draws), "draw_max": max(draws), "trainable_params": best["trainable_params"],
+              "stored_bytes": best["adapter_mb"] * 2**20, "train_seconds": best["wall_s"],
+              "best_learning_rate": float(mlflow_run.client(uri).get_run(best["run_id"]).data.params.get(
+                  "train.learning_rate", "nan")),
+              "registered": next(iter(registered.values()), None)}
+    export = download_export(uri, best["run_id"], out / "best")
+    model_path = check_model_available(first.model.name, first.model.revision)
+    if classification:
+        from onebase.compare.infer import measure_on_ray
+
+        record.update(measure_on_ray(first.model_dump(mode="json"), model_path, str(export),
+                                     [r["text"] for r in dataset.validation], dataset.labels))
+    else:  # a generative tune is scored like the prompt rows: its export under a zero-shot program
+        record.update(score_export(spec, row, uri, child, export, workers))
+    return record, ids
+
+
+def download_export(uri: str, run_id: str, dst: Path) -> Path:
+    client = mlflow_run.client(uri)
+    tags = client.get_run(run_id).data.tags
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, tags.get("onebase.artifact_path", "adapter"), str(dst)))
+
+
+def score_export(spec: CompareSpec, row: Row, uri: str, child: str, export: Path, workers) -> dict[str, Any]:
+    """The export under this task's zero-shot program (spec.program fields): metric and cost per query."""
+    from onebase.compare.plan import merge, parse_program, program_raw
+
+    contender = next(c for c in spec.contenders if c.name == row.name)
+    raw = merge(program_raw(spec, contender, f"{spec.name}-{row.name}-program"), {"adapter": str(export)})
+    program_row = Row(row.name, "program", row.base, programs=[parse_program(raw, f"contender {row.name}")])
+    scored, _ = run_programs(spec, program_row, uri, child, export, workers)
+    for pool in list(workers):
+        workers.pop(pool).close()
+    return {k: scored[k] for k in ("metric", "prompt_tokens_per_query", "ms_per_query")}
+
+
+# --- the instruction-tuned generalist -------------------------------------------------------------
+
+def run_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
+    from onebase.spec.load import parse_spec
+    from onebase.train.launch import run_job
+
+    for pool in list(workers):
+        workers.pop(pool).close()
+    job = parse_spec({**row.job, "output": {"path": str(out)},
+                      "tracking": {**row.job.get("tracking", {}), "experiment": spec.tracking.experiment,
+                                   "uri": uri}})
+    began = time.monotonic()
+    trained = run_job(job, yaml.safe_dump(row.job, sort_keys=False), tracking_uri=uri, echo=lambda *_: None,
+                      progress=False)
+    train_seconds = time.monotonic() - began
+    adopt(uri, trained.run_id, child)
+    program = row.programs[0].model_copy(update={"adapter": str(trained.export_dir)})
+    from onebase.prompt.spec import parse_program_spec
+
+    program = parse_program_spec(program.model_dump(mode="json"), source=f"contender {row.name}")
+    scored, ids = run_programs(spec, Row(row.name, "program", row.base, programs=[program]), uri, child, out,
+                               workers)
+    params = mlflow_run.client(uri).get_run(trained.run_id).data.params
+    weights = sum(p.stat().st_size for p in Path(trained.export_dir).glob("*.safetensors"))
+    return ({**scored, "trainable_params": float(params.get("trainable_params", "nan")),
+             "stored_bytes": weights + scored["stored_bytes"], "train_seconds": train_seconds,
+             "generalist_registered": trained.registered}, ids)
+
+
+RUNNERS = {"majority": run_majority, "program": run_programs, "icl": run_programs, "ape": run_ape,
+           "train": run_train, "generalist": run_generalist}
