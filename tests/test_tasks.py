@@ -73,3 +73,19 @@ def test_causal_prompt_masks_everything_but_the_response():
     assert feature["input_ids"][-len(response):] == response
     prompt = tokenizer.decode(feature["input_ids"][: -len(response)])
     assert "### Instruction:\nClassify." in prompt and "great day" in prompt
+
+
+def test_evaluation_reports_the_metrics_the_task_table_names():
+    from onebase.tasks import TASKS
+    from onebase.train.evaluate import summarise
+
+    samples = {
+        "sequence-classification": [{"pred": [1], "gold": [1], "loss": 0.1, "n": 1}],
+        "token-classification": [{"pred": [0, 2], "gold": [0, 1], "loss": 0.4, "n": 2}],
+        "extractive-qa": [{"span": (3, 4), "gold_span": [3, 4], "loss": 0.2, "n": 1}],
+        "causal-lm": [{"pred": [5, 2], "gold": [5, 2], "loss": 0.6, "n": 2}],
+    }
+    assert set(samples) == set(TASKS)
+    for task, rows in samples.items():
+        metrics = summarise(task, rows, num_labels=3)
+        assert set(metrics) == {"eval_loss", "eval_samples", *TASKS[task].metrics}, task
