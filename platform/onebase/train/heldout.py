@@ -14,7 +14,6 @@ the run summary.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,13 +111,11 @@ def metrics_for_mlflow(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 def record(uri: str, run_id: str, export_dir: Path, info: dict[str, Any],
            results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Log the figures to the run and write them into the export's onebase.json (before it is logged)."""
+    from onebase.manifest import write_run_info
     from onebase.tracking import mlflow_run
-    from onebase.train.loop import RUN_INFO
 
     mlflow_run.log_metrics(uri, run_id, metrics_for_mlflow(results), step=int(info.get("steps") or 0))
-    info = {**info, "held_out": results}
-    (Path(export_dir) / RUN_INFO).write_text(json.dumps(info, indent=2))
-    return info
+    return write_run_info(export_dir, {**info, "held_out": results}).as_dict()
 
 
 def after_export(job: JobSpec, uri: str, run_id: str, echo=print):
