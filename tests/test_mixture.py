@@ -55,11 +55,30 @@ def test_a_program_runs_on_its_base_with_the_export_merged_in(tuned):
     assert not torch.allclose(merged, untuned, atol=1e-3)
     assert all(not p.requires_grad for p in model.parameters())
 
-    recorded = build_program(spec, [], ["negative", "neutral", "positive"], base_fingerprint(bare))
+    recorded = build_program(spec, [], list(LABELS), base_fingerprint(bare))
     meta = manifest(recorded)
     assert meta["adapter"]["path"] == str(export) and meta["adapter"]["method"] == "lora"
     assert meta["adapter"]["base_fingerprint"] == meta["base_sha256"] == json.loads(
         (export / "onebase.json").read_text())["base_fingerprint"]
+
+
+@pytest.mark.parametrize("method", [{"name": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+                                     "feedforward_modules": ["down_proj"]}, {"name": "full"}],
+                         ids=["ia3", "full"])
+def test_other_exports_run_as_their_method_rebuilds_them(tuned, tmp_path, method):
+    """IA3 is merged like LoRA; a full fine-tune's export is the model itself."""
+    from onebase.prompt.spec import parse_program_spec
+    from onebase.prompt.worker import load_base
+
+    base, _ = tuned
+    export = make_adapter(base, tmp_path / method["name"], "causal-lm", method, labels=None)
+    model, tokenizer = load_base(parse_program_spec(program(base, "other", adapter=str(export))), str(base))
+    ids = tokenizer(["I love this"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits,
+                                   reference_model(base, export, "causal-lm", None)(**ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+    assert type(model).__name__ == "LlamaForCausalLM"  # plain weights: no PEFT wrapper left
 
 
 @pytest.mark.slow
