@@ -21,7 +21,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,16 +29,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from onebase.runtime import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "tweet-sentiment-lora.yaml"
 STEP = re.compile(r"\[onebase\] step 1/")
 REGISTERED = re.compile(r"^registered: (\S+)/(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def onebase(*args: str) -> list[str]:

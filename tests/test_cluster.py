@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -21,14 +20,9 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_BERT, onebase_cli, write_spec
+from onebase.runtime import free_port
 
 TWEET_LABELS = {"negative", "neutral", "positive"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def one_error(result) -> str:
