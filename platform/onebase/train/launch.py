@@ -202,7 +202,7 @@ def write_state(job_dir: Path, state: dict[str, str]) -> None:
 
 
 def print_summary(result: RunResult, out=sys.stdout) -> None:
-    shown = {k: round(v, 4) for k, v in result.metrics.items() if k != "eval_samples"}
+    shown = {k: round(v, 4) for k, v in result.metrics.items() if not k.endswith("eval_samples")}
     print(f"eval: {shown}", file=out)
     trainable, total = result.info.trainable_params or 0, result.info.total_params or 0
     print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)", file=out)
