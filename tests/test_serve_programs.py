@@ -126,6 +126,12 @@ def test_a_program_runs_on_the_engines_own_base_beside_an_adapter(base, fingerpr
     with pytest.raises(AdapterError, match="made for a different base") as refused:
         programs.attach(engine, "other", save_program(other, tmp_path / "other"))
     assert "\n" not in str(refused.value)
+    from onebase.prompt.adapter import AdapterRef
+
+    on_export = program.model_copy(update={"adapter": AdapterRef(path=str(tmp_path / "lora"), method="lora",
+                                                                 base_model=str(base))})
+    with pytest.raises(AdapterError, match="serves programs on its frozen base only"):  # never silently bare
+        programs.attach(engine, "on-export", save_program(on_export, tmp_path / "on-export"))
     engine.unload(loaded)
     assert {a.id for a in engine.adapters.values()} == {"chat-lora"}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from onebase.errors import OnebaseError
-from onebase.serve.artifacts import AdapterError, AdapterInfo, fetch, inspect
+from onebase.serve.artifacts import AdapterError, AdapterInfo, fetch_checked, inspect
 
 PROGRAM = "prompt-program"  # the catalog kind; also the manifest's `method` (onebase.prompt.program.METHOD)
 _serial = itertools.count(1)
@@ -45,6 +45,11 @@ def inspect_source(path: Path) -> AdapterInfo:
         program = load_program(path)
     except OnebaseError as err:
         raise AdapterError(str(err)) from None
+    if program.adapter is not None:
+        # Its base + export would be a second model on the replica, not the one frozen base it shares.
+        raise AdapterError(f"{path}: the program runs on the training export {program.adapter.path} "
+                           f"({program.adapter.method}); a replica serves programs on its frozen base only "
+                           "(serve that export as an adapter, or run the program with `onebase prompt eval`)")
     nbytes = sum(f.stat().st_size for f in Path(path).rglob("*.json"))
     return AdapterInfo(path=Path(path), method=PROGRAM, task=program.task, peft_type=None,
                        labels=program.label_names or None, base_fingerprint=program.base_sha256, prompt=None,
@@ -58,10 +63,10 @@ def entry_fields(info: AdapterInfo, prefix_cache: bool = True) -> dict[str, Any]
     return {"kind": PROGRAM, "prefix_cache": prefix_cache}
 
 
-async def load(server, entry: dict[str, Any]) -> ProgramLoaded:
-    """The replica loader of kind `prompt-program` (registered in replica.LOADERS)."""
-    path = await asyncio.to_thread(fetch, entry["resolved_source"], server.tracking_uri)
-    return await asyncio.to_thread(attach, server.engine, entry["id"], path, entry.get("prefix_cache", True))
+async def load(server, entry) -> ProgramLoaded:
+    """The replica loader of kind `prompt-program` (registered in replica.LOADERS); `entry`: a CatalogEntry."""
+    path = await asyncio.to_thread(fetch_checked, entry.resolved_source, entry.digest, server.tracking_uri, entry.pin)
+    return await asyncio.to_thread(attach, server.engine, entry.id, path, entry.prefix_cache)
 
 
 def attach(engine, program_id: str, path: Path, prefix_cache: bool = True) -> ProgramLoaded:
