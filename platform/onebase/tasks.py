@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# What evaluation compares (train/evaluate.py): one label per row, a (start, end) span per row, a
+# label per position, or the next token at every response position.
+Scoring = Literal["label", "span", "position", "next-token"]
 TaskName = Literal["sequence-classification", "token-classification", "extractive-qa", "causal-lm"]
 
 
@@ -24,6 +27,7 @@ class Task:
     peft_task_type: str  # PEFT's TaskType
     route: str  # the serving endpoint a request for this task goes to
     metrics: tuple[str, ...]  # what evaluation reports besides eval_loss
+    scoring: Scoring
     # Every input position carries a label: soft prompts (extra positions) would shift them.
     labels_per_position: bool = False
     # A classification head over a label set (num_labels, id2label on the model config).
@@ -34,20 +38,22 @@ TASKS: dict[str, Task] = {
     "sequence-classification": Task(
         name="sequence-classification", columns={"text": "text", "text_pair": "", "label": "label"},
         optional_roles=frozenset({"text_pair"}), auto_class="AutoModelForSequenceClassification",
-        peft_task_type="SEQ_CLS", route="/v1/classify", metrics=("accuracy", "macro_f1"), label_head=True),
+        peft_task_type="SEQ_CLS", route="/v1/classify", metrics=("accuracy", "macro_f1"), scoring="label",
+        label_head=True),
     "token-classification": Task(
         name="token-classification", columns={"tokens": "tokens", "tags": "tags"}, optional_roles=frozenset(),
         auto_class="AutoModelForTokenClassification", peft_task_type="TOKEN_CLS", route="/v1/tag",
-        metrics=("accuracy", "macro_f1"), labels_per_position=True, label_head=True),
+        metrics=("accuracy", "macro_f1"), scoring="position", labels_per_position=True, label_head=True),
     "extractive-qa": Task(
         name="extractive-qa",
         columns={"question": "question", "context": "context", "answer": "answer", "answer_start": "answer_start"},
         optional_roles=frozenset(), auto_class="AutoModelForQuestionAnswering", peft_task_type="QUESTION_ANS",
-        route="/v1/answer", metrics=("exact_match",), labels_per_position=True),
+        route="/v1/answer", metrics=("exact_match",), scoring="span", labels_per_position=True),
     "causal-lm": Task(
         name="causal-lm", columns={"instruction": "instruction", "input": "input", "response": "response"},
         optional_roles=frozenset({"instruction", "input"}), auto_class="AutoModelForCausalLM",
-        peft_task_type="CAUSAL_LM", route="/v1/completions", metrics=("perplexity", "exact_match")),
+        peft_task_type="CAUSAL_LM", route="/v1/completions", metrics=("perplexity", "exact_match"),
+        scoring="next-token"),
 }
 
 ALL_TASKS = frozenset(TASKS)

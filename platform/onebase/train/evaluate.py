@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 from onebase.data.prepare import IGNORE
+from onebase.tasks import TASKS
 
 
 @torch.no_grad()
@@ -39,19 +40,20 @@ def evaluate(engine, loader, task: str, num_labels: int | None, device: torch.de
 
 
 def per_sample(task: str, batch: dict[str, torch.Tensor], out) -> list[dict[str, Any]]:
-    if task == "sequence-classification":
+    scoring = TASKS[task].scoring  # how this task is scored: the task table
+    if scoring == "label":
         loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
         return [{"pred": [p], "gold": [g], "loss": ls, "n": 1}
                 for p, g, ls in zip(out.logits.argmax(-1).tolist(), batch["labels"].tolist(), loss.tolist())]
-    if task == "extractive-qa":
+    if scoring == "span":
         starts, ends = out.start_logits.argmax(-1).tolist(), out.end_logits.argmax(-1).tolist()
         gold = zip(batch["start_positions"].tolist(), batch["end_positions"].tolist())
         return [{"span": (s, e), "gold_span": g, "loss": float(out.loss), "n": 1}
                 for s, e, g in zip(starts, ends, gold)]
-    # Token classification and causal LM: token-level predictions where labels are not ignored.
+    # Per position (token classification) and next token (causal LM): where labels are not ignored.
     logits, labels = out.logits.float(), batch["labels"]
     logits = logits[:, logits.shape[1] - labels.shape[1]:]  # drop soft-prompt positions (prompt tuning)
-    if task == "causal-lm":
+    if scoring == "next-token":
         logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=IGNORE)
     preds, mask = logits.argmax(-1), labels != IGNORE
@@ -67,11 +69,12 @@ def summarise(task: str, samples: list[dict[str, Any]], num_labels: int | None) 
     tokens = sum(s["n"] for s in samples)
     loss = sum(s["loss"] for s in samples) / max(tokens, 1)
     metrics = {"eval_loss": loss, "eval_samples": float(len(samples))}
-    if task == "extractive-qa":
+    scoring = TASKS[task].scoring
+    if scoring == "span":
         metrics["exact_match"] = sum(s["span"] == tuple(s["gold_span"]) for s in samples) / len(samples)
         metrics["eval_loss"] = sum(s["loss"] for s in samples) / len(samples)
         return metrics
-    if task == "causal-lm":
+    if scoring == "next-token":
         metrics["perplexity"] = math.exp(min(loss, 50.0))
         # Teacher-forced argmax equal to every response token (EOS included) is exactly what greedy
         # decoding would produce, so this is the exact match of the generated answer.
