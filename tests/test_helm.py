@@ -457,6 +457,8 @@ BAD_VALUES = {
     "bad job name": ("specs:\n  s: {name: s}\njobs:\n  - name: Job_1\n    spec: s\n", "/jobs/0/name"),
     "bad job type": ("specs:\n  s: {name: s}\njobs:\n  - name: j\n    spec: s\n    type: train\n", "/jobs/0/type"),
     "unknown task": ("serve:\n  bases:\n    - {name: minilm, task: summarization}\n", "/serve/bases/0/task"),
+    "adapter id over 64 characters": ("serve:\n  adapters:\n    - {id: " + "a" * 65 + ", source: s}\n",
+                                      "/serve/adapters/0/id"),
     "negative serve GPUs": ("serve:\n  bases:\n    - {name: minilm, gpus: -1}\n", "/serve/bases/0/gpus"),
     "adapter without source": ("serve:\n  adapters:\n    - {id: a}\n", "source"),
     "comma in an API key": ("serve:\n  auth:\n    apiKeys: [\"a,b\"]\n", "/serve/auth/apiKeys/0"),
@@ -559,6 +561,26 @@ def test_autoscaling_worker_groups(chart, default_docs, variant_docs):
 
     fixed = one(render(chart, {"rayCluster": {"autoscaling": {"enabled": False}}}), "RayCluster")["spec"]
     assert fixed["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in fixed
+
+
+def test_serve_values_schema_is_the_serve_apps_own(chart):
+    """The serve app's bases, adapters and limits reach ServeArgs unchanged: the chart's schema for
+    them is generated from ServeArgs (onebase.serve.helm_schema), so the two cannot drift apart."""
+    from pydantic import ValidationError
+
+    from onebase.serve.config import ServeArgs
+    from onebase.serve.helm_schema import GENERATED, serve_values_schema
+
+    served = chart.schema["properties"]["serve"]["properties"]
+    assert {name: served[name] for name in GENERATED} == serve_values_schema(), \
+        "helm/onebase/values.schema.json is stale: run python -m onebase.serve.helm_schema"
+    # Both refuse what the app refuses: a 65-character adapter id, a mistyped base task.
+    for bad, where in (({"adapters": [{"id": "a" * 65, "source": "x"}]}, "/serve/adapters/0/id"),
+                       ({"bases": [{"name": "minilm", "task": "casual-lm"}]}, "/serve/bases/0/task")):
+        with pytest.raises(helm.HelmValuesError, match=where):
+            render(chart, {"serve": bad})
+        with pytest.raises(ValidationError):
+            ServeArgs.model_validate({"bases": [{"name": "minilm"}], **bad})
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's pydantic models, on import

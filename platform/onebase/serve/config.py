@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from onebase.spec.schema import Strict
 
+# Adapter ids are model names, URL path parts and cache directory names: 1-64 safe characters.
+ADAPTER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# How a base itself is served: the generalist causal LM, or an encoder backbone whose specialists
+# (sequence, token classification, extractive QA adapters) bring their heads.
+BaseTask = Literal["causal-lm", "sequence-classification"]
+
 
 class BaseSpec(Strict):
-    name: str = Field(description="bundled model name, HF model directory or hub id")
-    alias: str | None = Field(None, description="the model name requests use for the bare base (default: name)")
-    task: str | None = Field(None, description="causal-lm or sequence-classification (default: from the model)")
+    name: str = Field(min_length=1, description="bundled model name, HF model directory or hub id")
+    alias: str | None = Field(None, min_length=1,
+                              description="the model name requests use for the bare base (default: name)")
+    task: BaseTask | None = Field(None, description="causal-lm (a decoder served as the generalist) or "
+                                                    "sequence-classification (an encoder backbone for its "
+                                                    "specialists); default: from the model")
     replicas: int = Field(1, gt=0)
     threads: int | None = Field(None, gt=0, description="torch threads per replica")
     cpus: float = Field(1, gt=0, description="CPUs Ray reserves per replica")
@@ -31,9 +41,11 @@ class BaseSpec(Strict):
 
 
 class AdapterRef(Strict):
-    id: str
-    source: str
-    base: str | None = None
+    id: str = Field(pattern=ADAPTER_ID_PATTERN, description="the model name requests use (1-64 letters, digits, "
+                                                            "'.', '_', '-')")
+    source: str = Field(min_length=1, description="a local directory, models:/name/version, models:/name@alias "
+                                                  "or s3://bucket/prefix")
+    base: str | None = Field(None, description="the base to serve it on (default: matched by fingerprint)")
     prefix_cache: bool = Field(True, description="prompt programs: keep the demo prefix's KV cache on the replica "
                                                  "(false recomputes it per request, for comparison)")
 
@@ -64,11 +76,12 @@ class LimitSpec(Strict):
 
 
 class ServeArgs(Strict):
-    bases: list[BaseSpec] = Field(min_length=1)
-    adapters: list[AdapterRef] = Field(default_factory=list)
+    bases: list[BaseSpec] = Field(min_length=1, description="bases served, one deployment each")
+    adapters: list[AdapterRef] = Field(default_factory=list, description="adapters and prompt programs loaded "
+                                                                         "at start (more through the admin API)")
     tracking_uri: str | None = None
     auth: AuthSpec = Field(default_factory=AuthSpec)
-    limits: LimitSpec = Field(default_factory=LimitSpec)
+    limits: LimitSpec = Field(default_factory=LimitSpec, description="request limits")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeArgs:
