@@ -120,7 +120,8 @@ def train_row(spec: CompareSpec, c, where: str, base: str) -> Row:
     from onebase.sweep.spec import SweepSpec, check
 
     job = job_raw(spec, c)
-    fields = {k: v for k, v in c.method.items() if k != "name"}
+    # Fixed values: a list in a sweep space is a choice, so each field is a choice of one.
+    fields = {k: [v] for k, v in c.method.items() if k != "name"}
     if "name" not in c.method:
         raise SpecError(f"{where}: method: needs a name (e.g. {{name: lora}})")
     job["method"] = {"name": c.method["name"]}
@@ -151,6 +152,15 @@ def generalist_row(spec: CompareSpec, c, where: str, base: str, folder: Path) ->
     return Row(c.name, "generalist", base, program_params(program), [program], job=job)
 
 
+def majority_job(spec: CompareSpec):
+    """A job spec whose loader reads this task's rows (the majority row trains nothing)."""
+    from onebase.spec.load import parse_spec
+
+    return parse_spec({"name": f"{spec.name}-majority", "task": "sequence-classification",
+                       "model": next(iter(spec.bases.values())).model_dump(exclude_none=True),
+                       "data": spec.data.model_dump(exclude_none=True)}, source="majority")
+
+
 def check_before_ray(spec: CompareSpec, rows: list[Row]) -> int:
     """Bases resolve, each method runs on its base, the rows load (columns, labels, k fits); returns
     how many evaluation rows every contender is scored on."""
@@ -163,7 +173,9 @@ def check_before_ray(spec: CompareSpec, rows: list[Row]) -> int:
 
     sizes = set()
     for row in rows:
-        if row.kind in ("program", "icl", "ape"):
+        if row.kind == "majority":
+            sizes.add(len(load_dataset(majority_job(spec)).validation))
+        elif row.kind in ("program", "icl", "ape"):
             sizes.add(len(prepare(row.programs[0]).queries))
         elif row.kind == "train":
             first = trial_spec(row.job, draw_trials(row.sweep)[0])

@@ -92,7 +92,8 @@ def kshot_plot(rows: list[dict[str, Any]], metric: str, path: Path, plt) -> None
     ax.set_xlabel("demonstrations k")
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -110,7 +111,8 @@ def scatter(rows: list[dict[str, Any]], metric: str, key: str, label: str, path:
     ax.set_xlabel(label)
     ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -101,13 +101,10 @@ def run_compare(spec: CompareSpec, rows: list[Row], text: str, address: str | No
 def run_majority(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
     import ray
 
+    from onebase.compare.plan import majority_job
     from onebase.data.sources import load_dataset
-    from onebase.spec.load import parse_spec
 
-    job = parse_spec({"name": f"{spec.name}-majority", "task": "sequence-classification",
-                      "model": next(iter(spec.bases.values())).model_dump(exclude_none=True),
-                      "data": spec.data.model_dump(exclude_none=True)})
-    dataset = load_dataset(job)
+    dataset = load_dataset(majority_job(spec))
 
     @ray.remote(num_cpus=0.5)
     def majority(train_labels: list[str], golds: list[str], labels: list[str]) -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""Benchmark for issue #11: finetune vs prompt on one task; prints and writes bench/results/compare.json.
+
+(a) jobs/compare-tweet-sentiment.yaml: SmolLM2-135M-Instruct prompted (majority, zero-shot, k-shot ICL
+    gold/random labels with and without calibration over 3 seeds, APE) vs tuned (LoRA on every linear
+    layer, full FT) and MiniLM tuned (prompt tuning, P-tuning, LoRA, Houlsby, full FT), each with a
+    4-draw learning-rate search, plus the FLAN-mixture generalist; 600 held-out tweets, macro-F1.
+(b) jobs/compare-coin-flip.yaml: direct vs CoT vs self-consistency vs least-to-most vs a LoRA tune vs
+    the generalist on a generated reasoning task.
+The report, its plots and the figures below are copied to docs/img/compare-<spec>-*.png.
+
+    .venv/bin/python bench/compare.py                     # the full run (both parts)
+    .venv/bin/python bench/compare.py --part a --cut 120 200 2   # cut down: 120 eval rows, 200 train rows, 2 lr
+    .venv/bin/python bench/compare.py --quick             # tiny models: every contender kind, minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = {"a": REPO / "jobs" / "compare-tweet-sentiment.yaml", "b": REPO / "jobs" / "compare-coin-flip.yaml"}
+
+
+def cut_down(path: Path, rows: int, train_rows: int, draws: int, out: Path) -> Path:
+    """A smaller copy of a compare spec for a shared machine: fewer evaluation rows, ICL k [1, 4] and
+    2 seeds, `draws` learning rates per method on `train_rows` rows (1 epoch), a 200-step-capped APE,
+    the generalist on 96 mixture rows. Written beside the run; the doc says exactly this."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    raw["name"] = f"{raw['name']}-cut"
+    raw["data"]["validation"]["max_samples"] = rows
+    for c in raw["contenders"]:
+        if c["kind"] == "icl":
+            c.update(k=[1, 4], seeds=[0, 1])
+        if c["kind"] == "ape":
+            c["program"]["search"] = {"candidates": 4, "dev_rows": 24, "top": 1, "variations": 1, "report_top": 2}
+        if c["kind"] == "train":
+            c["draws"] = draws
+            c["job"] = {**c.get("job", {}), "data.max_samples": train_rows, "train.epochs": 1}
+        if c["kind"] == "generalist":
+            c["job_file"] = str(path.parent / c["job_file"])
+            c["job"] = {**c.get("job", {}), "data.max_samples": 96}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def run(path: Path, overrides: list[str], quick: bool) -> dict:
+    from onebase.compare.plan import check_before_ray, plan
+    from onebase.compare.run import run_compare
+    from onebase.compare.spec import load_compare
+
+    spec, folder = load_compare(path, overrides, quick=quick)
+    rows = plan(spec, folder)
+    n_rows = check_before_ray(spec, rows)
+    began = time.perf_counter()
+    result = run_compare(spec, rows, path.read_text())
+    print(result["markdown"])
+    out = REPO / "docs" / "img"
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "-quick" if quick else ""
+    for plot in ("kshot.png", "quality_vs_bytes.png", "quality_vs_cost.png"):
+        shutil.copy(result["report_dir"] / plot, out / f"{spec.name}{tag}-{plot}")
+    keep = ("name", "kind", "base", "status", "reason", "metric", "metric_std", "seeds", "draw_min", "draw_max",
+            "best_learning_rate", "trainable_params", "stored_bytes", "train_seconds", "prompt_tokens_per_query",
+            "ms_per_query", "wall_s")
+    return {"spec": str(path), "overrides": overrides, "quick": quick, "metric": result["metric"],
+            "evaluation_rows": n_rows, "same_rows": result["same_rows"]["same"],
+            "wall_s": time.perf_counter() - began, "parent_run_id": result["parent_run_id"],
+            "report": str(result["report_dir"] / "report.md"), "markdown": result["markdown"],
+            "rows": [{k: r[k] for k in keep if k in r} for r in result["rows"]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cut", nargs=3, type=int, metavar=("ROWS", "TRAIN_ROWS", "DRAWS"),
+                        help="a cut-down run (see cut_down) for a shared machine")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "compare.json"))
+    args = parser.parse_args()
+    os.chdir(REPO)
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
+               "parts": {}}
+    for part in (["a", "b"] if args.part == "all" else [args.part]):
+        path = SPECS[part]
+        if args.cut:
+            path = cut_down(path, *args.cut, REPO / "runs" / "bench-compare" / path.name)
+        results["parts"][part] = {**run(path, args.overrides, args.quick), "cut": args.cut}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=float))
+    print(json.dumps({p: {k: v for k, v in r.items() if k != "markdown"} for p, r in results["parts"].items()},
+                     indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""`onebase compare --quick`: every contender kind end to end on tiny models (real Ray, Tune, MLflow
+sqlite), every row scored on the same evaluation rows, the report rebuilt from MLflow alone, and
+bad input refused in one line before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, onebase_cli
+
+TWEETS = {"source": "bundled:tweet-sentiment", "validation": {"fraction": 0.1, "seed": 42, "max_samples": 24}}
+LABELS = {"negative": ["negative"], "neutral": ["neutral"], "positive": ["positive"]}
+
+
+def compare_spec(**fields) -> dict:
+    """Every contender kind once; --quick shrinks the bases to tiny random models."""
+    spec = {
+        "kind": "compare", "name": "tiny-compare", "task": "classification", "data": TWEETS, "labels": LABELS,
+        "instruction": "Classify the sentiment.", "bases": {"decoder": {"name": "smollm2-135m-instruct"},
+                                                             "encoder": {"name": "minilm"}},
+        "program": {"template": "Tweet: {input}\nSentiment:"},
+        "contenders": [
+            {"kind": "majority", "name": "majority"},
+            {"kind": "program", "name": "zero-shot", "base": "decoder", "seeds": [0]},
+            {"kind": "icl", "name": "icl", "base": "decoder", "k": [2], "seeds": [0, 1],
+             "labels": ["gold", "random"], "calibration": ["none", "contextual"]},
+            {"kind": "ape", "name": "ape", "base": "decoder"},
+            {"kind": "train", "name": "lora-decoder", "base": "decoder",
+             "method": {"name": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]},
+             "learning_rate": [1e-3, 1e-2], "draws": 2},
+            {"kind": "generalist", "name": "generalist", "base": "decoder",
+             "job_file": str(REPO / "jobs" / "flan-mixture-smollm2.yaml")},
+        ],
+        "tracking": {"experiment": "compare", "uri": None},
+    }
+    spec.update(fields)
+    return spec
+
+
+def write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("compare")
+    path = write(work / "compare.yaml", compare_spec())
+    result = onebase_cli("compare", str(path), "--quick", cwd=work, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    parent = result.stdout.split("mlflow parent run: ")[1].split()[0]
+    return work, path, parent, result.stdout
+
+
+@pytest.mark.slow
+def test_quick_compare_scores_every_kind_on_the_same_rows(quick_run):
+    work, _, parent, stdout = quick_run
+    out = work / "runs" / "tiny-compare" / parent
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    expected = {"majority", "zero-shot", "icl-k2-gold", "icl-k2-gold-cal", "icl-k2-random", "icl-k2-random-cal",
+                "ape", "lora-decoder", "generalist"}
+    assert set(rows) == expected
+    failed = {n: r.get("reason") for n, r in rows.items() if r["status"] != "finished"}
+    assert not failed
+    # The same row ids, recorded by each contender from the rows it actually scored.
+    assert report["same_rows"]["same"] and len({r["eval_rows_sha256"] for r in rows.values()}) == 1
+    assert all(r["eval_rows"] == 24 for r in rows.values())
+    assert rows["icl-k2-gold"]["seeds"] == 2 and len(rows["icl-k2-gold"]["per_seed"]) == 2
+    assert rows["lora-decoder"]["draws_scored"] == 2 and rows["lora-decoder"]["trainable_params"] > 0
+    assert rows["lora-decoder"]["ms_per_query"] > 0 and rows["zero-shot"]["prompt_tokens_per_query"] > 0
+    assert 0 < rows["generalist"]["stored_bytes"] and rows["majority"]["trainable_params"] == 0
+    md = (out / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in expected)
+    for plot in ("kshot.png", "quality_vs_bytes.png", "quality_vs_cost.png"):
+        assert (out / plot).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_report_only_rebuilds_the_same_table_from_mlflow(quick_run):
+    work, path, parent, _ = quick_run
+    rebuilt = onebase_cli("compare", str(path), "--report-only", parent, "--out", str(work / "again"), cwd=work)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    first = (work / "runs" / "tiny-compare" / parent / "report.md").read_text()
+    assert (work / "again" / "report.md").read_text() == first
+
+
+BAD = [
+    ({"contenders": [{"kind": "oracle", "name": "x"}]}, "contenders.0"),
+    ({"contenders": [{"kind": "train", "name": "bitfit", "base": "decoder", "method": {"name": "bitfit"},
+                      "learning_rate": [1e-3, 1e-2]}]}, "bitfit"),
+    ({"labels": None}, "labels"),
+    ({"data": {"source": "reviews.csv", "columns": {"text": "review", "label": "stars"}},
+      "contenders": [{"kind": "majority", "name": "m"}]}, "column"),
+    ({"contenders": [{"kind": "generalist", "name": "g", "base": "decoder", "job_file": "nolabels.yaml"}]},
+     "held_out"),
+]
+
+
+@pytest.mark.parametrize("fields,needle", BAD, ids=["unknown-contender", "bitfit-on-llama", "no-labels",
+                                                    "missing-column", "held-out-without-labels"])
+def test_bad_input_is_one_line_exit_2_before_ray(tmp_path, fields, needle):
+    (tmp_path / "reviews.csv").write_text("review,score\ngreat,5\nbad,1\n")
+    job = yaml.safe_load((REPO / "jobs" / "flan-mixture-smollm2.yaml").read_text())
+    job["evaluation"]["held_out"][0].pop("labels")
+    write(tmp_path / "nolabels.yaml", job)
+    path = write(tmp_path / "bad.yaml", compare_spec(**fields))
+    result = onebase_cli("compare", str(path), cwd=tmp_path, env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("onebase: error:") and needle in lines[0], result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and shutil.which("python")
