@@ -18,7 +18,9 @@ import requests
 import torch
 
 from adapter_factory import LABELS, make_adapter, reference_model, tiny_base
+from onebase.model.build import load_tokenizer
 from onebase.serve.artifacts import AdapterError, inspect
+from onebase.serve.client import Client
 from onebase.serve.engine import BaseEngine, Row
 
 CLS_METHODS = [{"name": "lora", "r": 4, "target_modules": ["query", "value"]},
@@ -165,12 +167,13 @@ def test_bad_adapters_are_refused_with_one_line(bases, adapters, tmp_path):
         engine.load("lm", inspect(adapters["lm-lora"]))
 
 
-def test_adapters_load_from_an_s3_compatible_store(bases, adapters, monkeypatch):
+def test_adapters_load_from_an_s3_compatible_store_and_replicas_load_the_bytes_checked(bases, adapters,
+                                                                                      monkeypatch, tmp_path):
     """moto's S3 server on 127.0.0.1 stands in for MinIO / S3 (the same HTTP API boto3 speaks)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from onebase.serve.artifacts import fetch
+    from onebase.serve.artifacts import content_digest, fetch, fetch_checked, s3_listing
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -189,8 +192,49 @@ def test_adapters_load_from_an_s3_compatible_store(bases, adapters, monkeypatch)
         assert engine.classify([Row(local, TEXTS[0])]) == engine.classify([Row(direct, TEXTS[0])])
         with pytest.raises(AdapterError, match="no objects under that prefix"):
             fetch("s3://adapters/nothing-here")
+        # A load pins what it checked: the objects' ETags and the files' digest (the catalog entry
+        # carries both); replicas fetch with them. Then someone overwrites an object in the bucket.
+        source = "s3://adapters/team/houlsby"
+        pin = s3_listing(source)
+        checked = fetch(source, pin=pin)
+        digest = content_digest(checked)
+        config = json.loads((checked / "adapter_config.json").read_text())
+        s3.put_object(Bucket="adapters", Key="team/houlsby/adapter_config.json",
+                      Body=json.dumps({**config, "note": "changed"}).encode())
+        # A replica on this node loads the checked copy: a fetch never replaces it.
+        assert fetch_checked(source, digest, pin=pin) == checked and content_digest(checked) == digest
+        # A replica on another node (its own cache) cannot get the checked bytes any more: refused.
+        monkeypatch.setenv("ONEBASE_CACHE", str(tmp_path / "other-node"))
+        with pytest.raises(AdapterError, match="adapter_config.json changed since it was checked"):
+            fetch_checked(source, digest, pin=pin)
+        # A new load sees the new objects, in a directory of its own; old digests no longer match.
+        fresh = fetch(source)
+        assert fresh != checked and "changed" in (fresh / "adapter_config.json").read_text()
+        with pytest.raises(AdapterError, match="its files changed since they were checked"):
+            fetch_checked(str(fresh), digest)
     finally:
         server.stop()
+
+
+def test_a_mistyped_base_task_or_a_long_adapter_id_is_a_config_error(tmp_path):
+    """`onebase serve` reads its config before Ray starts: a base task that is not causal-lm or
+    sequence-classification (it used to be served as an encoder) and a 65-character adapter id are
+    one-line errors naming the field."""
+    import yaml
+
+    from onebase.errors import SpecError
+    from onebase.serve.run import read_config
+
+    shipped = (Path(__file__).parents[1] / "serving" / "local.yaml").read_text()
+    for field, section, index, change in (("bases.1.task", "bases", 1, {"task": "casual-lm"}),
+                                          ("adapters.0.id", "adapters", 0, {"id": "a" * 65})):
+        config = yaml.safe_load(shipped)
+        config["applications"][0]["args"][section][index].update(change)
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with pytest.raises(SpecError, match=f"applications.0.args.{field}") as refused:
+            read_config(path)
+        assert "\n" not in str(refused.value)
 
 
 # ---- the live server -------------------------------------------------------------------------
@@ -237,23 +281,20 @@ def server(ray_cluster, bases, adapters, tmp_path_factory):
     args = {"tracking_uri": uri,
             "bases": [{"name": str(bases["bert"]), "alias": "tiny-bert", "cpus": 0.25, "max_adapters": 8,
                        "replicas": 2},
-                      {"name": str(bases["llama"]), "alias": "tiny-llama", "cpus": 0.5, "max_adapters": 8}],
+                      {"name": str(bases["llama"]), "alias": "tiny-llama", "cpus": 0.25, "max_adapters": 8},
+                      # The same weights again with room for one running row and one waiting request:
+                      # the queue and disconnect tests (listed last: adapters pick the first base that fits).
+                      {"name": str(bases["llama"]), "alias": "tiny-llama-q", "cpus": 0.25, "max_adapters": 1,
+                       "max_batch_size": 1, "max_queue": 1, "batch_wait_ms": 0}],
             "adapters": [{"id": "sentiment", "source": "models:/sentiment@champion"},
                          {"id": "chat-lora", "source": str(adapters["lm-lora"])},
                          {"id": "chat-prefix", "source": str(adapters["lm-prefix"])},
                          {"id": "missing", "source": str(root / "no-such-dir")}],
             "auth": {"api_keys": ["test-key"], "admin_token": "admin-secret"},
-            "limits": {"max_prompt_tokens": 64, "max_tokens": 128, "max_inputs": 8, "max_n": 4}}
+            "limits": {"max_prompt_tokens": 64, "max_tokens": 512, "max_inputs": 8, "max_n": 4}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=60).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1)
+    Client(url).wait_ready(180)  # raises ServeError when the app is not up by then
     yield {"url": url, "uri": uri, "adapters": adapters, "root": root}
     serve.delete("onebase")
     serve.shutdown()
@@ -339,6 +380,9 @@ def test_classify_hot_swap_and_promote_under_load_fail_no_request(server):
     assert {a["id"] for a in listing["adapters"]} >= {"sentiment", "chat-lora-cls"}
     assert len(figures["replicas"]) == 2 and all(r["load_ms"] > 0 for r in figures["replicas"].values())
     assert figures["requests"] >= served and figures["p50_ms"] > 0
+    from onebase.serve.artifacts import content_digest
+
+    assert figures["digest"] == content_digest(server["adapters"]["cls-ia3"])  # what every replica loaded
     unloaded = requests.delete(f"{url}/admin/adapters/chat-lora-cls", headers=ADMIN, timeout=60)
     assert unloaded.status_code == 200
     gone = requests.post(f"{url}/v1/classify", json={"model": "chat-lora-cls", "input": "x"}, headers=KEY, timeout=60)
@@ -372,7 +416,7 @@ def test_bad_adapters_and_bad_requests_get_4xx_while_serving_continues(server, b
         ("post", "/v1/classify", {"model": "sentiment", "input": "x"}, {"Authorization": "Bearer no"}, 401, "API key"),
         ("get", "/admin/adapters", None, KEY, 401, "admin token"),
         ("post", "/v1/classify", {"model": "sentiment", "input": ["x"] * 9}, KEY, 400, "1 to 8 texts"),
-        ("post", "/v1/completions", {"model": "chat-lora", "prompt": "hi", "max_tokens": 500}, KEY, 400, "max_tokens"),
+        ("post", "/v1/completions", {"model": "chat-lora", "prompt": "hi", "max_tokens": 5000}, KEY, 400, "max_tokens"),
         ("post", "/v1/completions", {"model": "chat-lora", "prompt": "word " * 200}, KEY, 400, "limit is 64"),
         ("post", "/v1/completions", {"model": "sentiment", "prompt": "hi"}, KEY, 400, "does not generate"),
         ("post", "/v1/classify", {"model": "nope", "input": "x"}, KEY, 404, "not found"),
@@ -541,72 +585,170 @@ def test_a_request_arriving_mid_generation_finishes_before_a_long_one(server):
     assert sum(1 for t, _ in arrivals if t > short_done) > 10  # it still had most of its tokens to go
 
 
+def decoding(url: str, base: str) -> dict:
+    """What the base's replica is decoding: running rows, waiting requests, finished per reason."""
+    return requests.get(f"{url}/admin/adapters", headers=ADMIN, timeout=60).json()["decoding_on_a_replica"][base]
+
+
+def wait_for(check, what: str, timeout_s: float = 60):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429_and_a_client_that_disconnects_frees_its_row(server):
+    """tiny-llama-q holds one running row and one waiting request (max_batch_size 1, max_queue 1).
+    A long stream runs, a second request waits, a third is refused with 429. The long stream's client
+    then hangs up mid-generation: the replica cancels its sequence at the next step, and the waiting
+    request gets the freed row and finishes."""
+    url = server["url"]
+    body = {"model": "tiny-llama-q", "prompt": "Hello there", "max_tokens": 512, "temperature": 0, "stream": True}
+    before = decoding(url, "tiny-llama-q")["finished"].get("cancelled", 0)
+    long = requests.post(f"{url}/v1/completions", json=body, headers=KEY, stream=True, timeout=120)
+    assert long.status_code == 200, long.text
+    events = long.iter_lines()
+    assert next(line for line in events if line).startswith(b"data: ")  # it is decoding
+    waiting: dict = {}
+    second = threading.Thread(target=lambda: waiting.update(r=requests.post(
+        f"{url}/v1/completions", headers=KEY, timeout=120,
+        json={"model": "tiny-llama-q", "prompt": "The weather today is", "max_tokens": 3, "temperature": 0})))
+    second.start()
+    try:
+        wait_for(lambda: decoding(url, "tiny-llama-q")["waiting"] == 1, "the second request waits in the queue")
+        refused = requests.post(f"{url}/v1/completions", headers=KEY, timeout=60,
+                                json={"model": "tiny-llama-q", "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 429, refused.text
+        message = refused.json()["error"]["message"]
+        assert "1 requests waiting (max_queue 1); retry later" in message and "\n" not in message
+        assert decoding(url, "tiny-llama-q")["running"] == 1  # the long stream still holds the only row
+    finally:
+        long.close()  # the client goes away mid-generation
+        second.join(120)
+    assert waiting["r"].status_code == 200, waiting["r"].text
+    assert waiting["r"].json()["choices"][0]["finish_reason"] in ("length", "stop")
+    after = wait_for(lambda: (d := decoding(url, "tiny-llama-q"))["running"] == 0 and d, "the rows are freed")
+    assert after["finished"].get("cancelled", 0) == before + 1 and after["waiting"] == 0
+
+
 # ---- every trained task: token classification and extractive QA --------------------------------
 
-TAGS = ["O", "B-PER", "I-PER"]
+WORDS = ["alice", "bob", "paris", "berlin", "went", "to", "met", "in", "monday", "the", "city", "carol"]
+ENTITIES = {"alice": "PER", "bob": "PER", "carol": "PER", "paris": "LOC", "berlin": "LOC"}
+TAGS = ["LOC", "O", "PER"]  # what training infers from the data (sorted)
+TAG_TEXT = "on monday alice  went to paris"
+QUESTION, CONTEXT = "where did bob go?", "on monday bob went to berlin and met friends"
 
 
 @pytest.fixture(scope="module")
-def task_adapters(bases, tmp_path_factory) -> dict[str, Path]:
+def task_adapters(ray_cluster, bases, tmp_path_factory) -> dict[str, Path]:
+    """A token-classification LoRA and an extractive-QA Houlsby adapter trained by `onebase run`'s own
+    run_job (Ray Train + DeepSpeed, a few steps) on the served tiny BERT, from a JSONL and a CSV."""
+    import random
+
+    from conftest import tiny_spec
+    from onebase.spec import parse_spec
+    from onebase.train.launch import run_job
+
     root = tmp_path_factory.mktemp("tasks")
-    lora = {"name": "lora", "r": 4, "target_modules": ["query", "value"]}
-    return {"tags": make_adapter(bases["bert"], root / "tags", "token-classification", lora, labels=TAGS, seed=5),
-            "qa": make_adapter(bases["bert"], root / "qa", "extractive-qa", {"name": "houlsby", "bottleneck": 8},
-                               labels=None, seed=6)}
+    rng = random.Random(0)
+    rows = []
+    for _ in range(64):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 8))]
+        rows.append(json.dumps({"words": words, "ner": [ENTITIES.get(w, "O") for w in words]}))
+    (root / "ner.jsonl").write_text("\n".join(rows) + "\n")
+    lines = ["question,context,answer,answer_start"]
+    for _ in range(64):
+        person, city = rng.choice(["alice", "bob", "carol"]), rng.choice(["paris", "berlin", "rome"])
+        context = f"on monday {person} went to {city} and met friends"
+        lines.append(f"where did {person} go?,{context},{city},{context.index(city)}")
+    (root / "qa.csv").write_text("\n".join(lines) + "\n")
+    jobs = {"tags": ("token-classification", {"source": str(root / "ner.jsonl"),
+                                              "columns": {"tokens": "words", "tags": "ner"}},
+                     {"name": "lora", "r": 4, "target_modules": ["query", "value"]}),
+            "qa": ("extractive-qa", {"source": str(root / "qa.csv")}, {"name": "houlsby", "bottleneck": 8})}
+    made = {}
+    for name, (task, data, method) in jobs.items():
+        spec = tiny_spec(f"serve-{name}", task=task, data={**data, "validation": {"fraction": 0.25}}, method=method,
+                         train={"max_steps": 6, "eval_every_steps": 6, "learning_rate": 5e-3},
+                         scaling={"num_workers": 1}, deepspeed={"stage": 2},
+                         tracking={"register_model": False}, output={"path": str(root / "runs")})
+        spec["model"] = {"name": str(bases["bert"])}  # the served base's own directory
+        made[name] = run_job(parse_spec(spec), "", progress=False, echo=lambda *_: None).export_dir
+    return made
+
+
+def reference_tags(base: Path, export: Path, text: str) -> list[tuple[str, float]]:
+    """(label, score) per word from the tuned model rebuilt the plain way (the first subword's logits)."""
+    reference = reference_model(base, export, "token-classification", TAGS)
+    tokenizer = load_tokenizer(str(base))
+    enc = tokenizer([text.split()], is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = reference(**enc).logits[0].softmax(-1)
+    firsts = [enc.word_ids(0).index(w) for w in range(len(text.split()))]
+    return [(TAGS[int(probs[p].argmax())], float(probs[p].max())) for p in firsts]
+
+
+def reference_span(base: Path, export: Path, question: str, context: str) -> tuple[str, float]:
+    """The best span (start <= end < start + 30, inside the context) of the tuned model rebuilt the plain way."""
+    reference = reference_model(base, export, "extractive-qa", None)
+    enc = load_tokenizer(str(base))(question, context, return_offsets_mapping=True, return_tensors="pt")
+    offsets = enc.pop("offset_mapping")[0]
+    with torch.no_grad():
+        out = reference(**enc)
+    starts, ends = out.start_logits[0].softmax(-1), out.end_logits[0].softmax(-1)
+    in_context = [i for i, s in enumerate(enc.sequence_ids(0)) if s == 1]
+    score, i, j = max((starts[i] * ends[j], i, j) for i in in_context for j in in_context if i <= j < i + 30)
+    return context[int(offsets[i][0]):int(offsets[j][1])], float(score)
 
 
 def test_token_classification_and_extractive_qa_answer_like_their_models(bases, task_adapters):
     engine = BaseEngine(str(bases["bert"]))
     tagger = engine.load("tags", inspect(task_adapters["tags"]))
     reader = engine.load("qa", inspect(task_adapters["qa"]))
-    text = "Ada Lovelace  wrote the first program"
-    tokens = engine.predict([Row(tagger, text)], "token-classification")[0]["tokens"]
-    assert [t["token"] for t in tokens] == text.split() and all(text[t["start"]:t["end"]] == t["token"] for t in tokens)
-    reference = reference_model(bases["bert"], task_adapters["tags"], "token-classification", TAGS)
-    enc = engine.tokenizer([text.split()], is_split_into_words=True, return_tensors="pt")
-    with torch.no_grad():
-        probs = reference(**enc).logits[0].softmax(-1)
-    firsts = [enc.word_ids(0).index(w) for w in range(len(tokens))]
-    assert [t["label"] for t in tokens] == [TAGS[int(probs[p].argmax())] for p in firsts]
-    assert [t["score"] for t in tokens] == pytest.approx([float(probs[p].max()) for p in firsts], abs=1e-5)
-    question, context = "Who wrote the first program?", "The first program was written by Ada Lovelace in 1843."
-    span = engine.predict([Row(reader, question, context=context)], "extractive-qa")[0]
-    reference = reference_model(bases["bert"], task_adapters["qa"], "extractive-qa", None)
-    enc = engine.tokenizer(question, context, return_offsets_mapping=True, return_tensors="pt")
-    offsets = enc.pop("offset_mapping")[0]
-    with torch.no_grad():
-        out = reference(**enc)
-    starts, ends = out.start_logits[0].softmax(-1), out.end_logits[0].softmax(-1)
-    in_context = [i for i, s in enumerate(enc.sequence_ids(0)) if s == 1]
-    best = max((starts[i] * ends[j], i, j) for i in in_context for j in in_context if i <= j < i + 30)
-    assert span["answer"] == context[int(offsets[best[1]][0]):int(offsets[best[2]][1])] == \
-        context[span["start"]:span["end"]]
-    assert span["score"] == pytest.approx(float(best[0]), abs=1e-5)
+    tokens = engine.predict([Row(tagger, TAG_TEXT)], "token-classification")[0]["tokens"]
+    assert [t["token"] for t in tokens] == TAG_TEXT.split()
+    assert all(TAG_TEXT[t["start"]:t["end"]] == t["token"] for t in tokens)
+    expected = reference_tags(bases["bert"], task_adapters["tags"], TAG_TEXT)
+    assert [t["label"] for t in tokens] == [label for label, _ in expected]
+    assert [t["score"] for t in tokens] == pytest.approx([score for _, score in expected], abs=1e-5)
+    span = engine.predict([Row(reader, QUESTION, context=CONTEXT)], "extractive-qa")[0]
+    answer, score = reference_span(bases["bert"], task_adapters["qa"], QUESTION, CONTEXT)
+    assert span["answer"] == answer == CONTEXT[span["start"]:span["end"]]
+    assert span["score"] == pytest.approx(score, abs=1e-5)
     with pytest.raises(AdapterError, match="token-classification model does not answer sequence-classification"):
-        engine.predict([Row(tagger, text)], "sequence-classification")
+        engine.predict([Row(tagger, TAG_TEXT)], "sequence-classification")
 
 
 @pytest.mark.slow
-def test_token_classification_and_qa_adapters_answer_through_the_server(server, task_adapters):
+def test_token_classification_and_qa_adapters_answer_through_the_server(server, bases, task_adapters):
     url = server["url"]
     for adapter_id in ("tags", "qa"):
         loaded = requests.post(f"{url}/admin/adapters", headers=ADMIN, timeout=120,
                                json={"id": adapter_id, "source": str(task_adapters[adapter_id])})
         assert loaded.status_code == 201, loaded.text
-    text = "Ada Lovelace wrote the first program"
-    tagged = requests.post(f"{url}/v1/tag", json={"model": "tags", "input": [text, "hello"]}, headers=KEY, timeout=60)
+        assert loaded.json()["base"] == "tiny-bert"  # matched by the fingerprint training recorded
+    tagged = requests.post(f"{url}/v1/tag", json={"model": "tags", "input": [TAG_TEXT, "hello"]}, headers=KEY,
+                           timeout=60)
     assert tagged.status_code == 200, tagged.text
     words = tagged.json()["data"][0]["tokens"]
-    assert [w["token"] for w in words] == text.split() and {w["label"] for w in words} <= set(TAGS)
-    same = requests.post(f"{url}/v1/classify", json={"model": "tags", "input": [text, "hello"], "granularity": "token"},
-                         headers=KEY, timeout=60)
+    expected = reference_tags(bases["bert"], task_adapters["tags"], TAG_TEXT)
+    assert [(w["token"], w["label"]) for w in words] == list(zip(TAG_TEXT.split(), [lab for lab, _ in expected]))
+    assert [w["score"] for w in words] == pytest.approx([score for _, score in expected], abs=1e-4)
+    same = requests.post(f"{url}/v1/classify", headers=KEY, timeout=60,
+                         json={"model": "tags", "input": [TAG_TEXT, "hello"], "granularity": "token"})
     assert same.json()["data"] == tagged.json()["data"]
-    context = "The first program was written by Ada Lovelace in 1843."
     answered = requests.post(f"{url}/v1/answer", headers=KEY, timeout=60,
-                             json={"model": "qa", "question": "Who wrote the first program?", "context": context})
+                             json={"model": "qa", "question": QUESTION, "context": CONTEXT})
     assert answered.status_code == 200, answered.text
     span = answered.json()["data"][0]
-    assert span["answer"] == context[span["start"]:span["end"]] and 0 < span["score"] <= 1
+    answer, score = reference_span(bases["bert"], task_adapters["qa"], QUESTION, CONTEXT)
+    assert span["answer"] == answer == CONTEXT[span["start"]:span["end"]]
+    assert span["score"] == pytest.approx(score, abs=1e-4)
     refusals = [("/v1/answer", {"model": "qa", "question": "Who?"}, "context: give the text"),
                 ("/v1/classify", {"model": "sentiment", "input": "x", "granularity": "token"},
                  "sequence-classification model does not answer token-classification"),

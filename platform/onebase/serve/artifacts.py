@@ -19,9 +19,10 @@ from typing import Any
 from onebase.errors import OnebaseError, error_line
 from onebase.manifest import MANIFEST, run_info
 from onebase.model.assets import cache_dir
+from onebase.serve.config import ADAPTER_ID_PATTERN
 from onebase.tasks import TASKS
 
-ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SERVED_TASKS = tuple(TASKS)  # every task of the task table
 PEFT_TASKS = {task.peft_task_type: name for name, task in TASKS.items()}  # PEFT's task_type -> task
@@ -59,12 +60,13 @@ def check_id(adapter_id: str) -> str:
     return adapter_id
 
 
-def fetch(source: str, tracking_uri: str | None = None) -> Path:
-    """A local directory holding the adapter named by `source` (downloaded into the cache if remote)."""
+def fetch(source: str, tracking_uri: str | None = None, pin: dict[str, str] | None = None) -> Path:
+    """A local directory holding the adapter named by `source` (downloaded into the cache if remote).
+    `pin`: for s3:// sources, the objects' ETags as checked (`s3_listing`): exactly those are fetched."""
     if source.startswith("models:/"):
         return _from_registry(source, tracking_uri)
     if source.startswith("s3://"):
-        return _from_s3(source)
+        return _from_s3(source, pin or s3_listing(source))
     if "://" in source:
         raise AdapterError(f"source {source!r}: use a local directory, models:/name/version, models:/name@alias "
                            "or s3://bucket/prefix")
@@ -72,6 +74,28 @@ def fetch(source: str, tracking_uri: str | None = None) -> Path:
     if not path.is_dir():
         raise AdapterError(f"source {source}: no such directory")
     return path.resolve()
+
+
+def content_digest(path: Path) -> str:
+    """sha256 over every file under `path` (relative names and bytes): what a check was made on."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def fetch_checked(source: str, digest: str | None, tracking_uri: str | None = None,
+                  pin: dict[str, str] | None = None) -> Path:
+    """`fetch`, refusing files that differ from the ones checked (`digest`, from `content_digest`)."""
+    path = fetch(source, tracking_uri, pin)
+    if digest is not None and (found := content_digest(path)) != digest:
+        raise AdapterError(f"source {source}: its files changed since they were checked (sha256 {digest[:12]}..., "
+                           f"now {found[:12]}...); load it again")
+    return path
 
 
 def resolve_registry(source: str, tracking_uri: str | None) -> tuple[str, str]:
@@ -120,32 +144,64 @@ def _from_registry(source: str, tracking_uri: str | None) -> Path:
     return target
 
 
-def _from_s3(source: str) -> Path:
+def _s3(source: str):
     import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = source.removeprefix("s3://").partition("/")
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    target = cache_dir() / "adapters" / f"s3-{hashlib.sha256(f'{endpoint}|{source}'.encode()).hexdigest()[:16]}"
+    return boto3.client("s3", endpoint_url=endpoint), endpoint, bucket, prefix
+
+
+def s3_listing(source: str) -> dict[str, str]:
+    """The objects under an s3:// prefix with their ETags: what a check pins."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3, _, bucket, prefix = _s3(source)
+    try:
+        listing = {obj["Key"]: obj["ETag"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix) for obj in page.get("Contents", [])}
+    except (BotoCoreError, ClientError) as err:
+        raise AdapterError(f"source {source}: {_first_line(str(err))}") from None
+    if not listing:
+        raise AdapterError(f"source {source}: no objects under that prefix")
+    return listing
+
+
+def _from_s3(source: str, pin: dict[str, str]) -> Path:
+    """The pinned objects, downloaded once into a cache directory named after them (a changed object
+    gets a directory of its own: a copy that was checked is never replaced). Each object is fetched
+    on the condition that its ETag is still the pinned one."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3, endpoint, bucket, prefix = _s3(source)
+    listed = json.dumps(sorted(pin.items()))
+    name = hashlib.sha256(f"{endpoint}|{source}|{listed}".encode()).hexdigest()[:16]
+    target = cache_dir() / "adapters" / f"s3-{name}"
+    if target.is_dir():
+        return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for obj in page.get("Contents", [])]
-        if not keys:
-            raise AdapterError(f"source {source}: no objects under that prefix")
-        for key in keys:
+        for key, etag in pin.items():
             rel = key[len(prefix):].lstrip("/")
             if not rel or ".." in Path(rel).parts:
                 continue
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, key, str(tmp / rel))
-    except (BotoCoreError, ClientError) as err:
+            body = s3.get_object(Bucket=bucket, Key=key, IfMatch=etag)["Body"]
+            with (tmp / rel).open("wb") as out:
+                shutil.copyfileobj(body, out)
+    except ClientError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "NoSuchKey"):
+            raise AdapterError(f"source {source}: {key} changed since it was checked (ETag {etag}); "
+                               "load it again") from None
+        raise AdapterError(f"source {source}: {_first_line(str(err))}") from None
+    except BotoCoreError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise AdapterError(f"source {source}: {_first_line(str(err))}") from None
-    # S3 objects can change: every fetch replaces the cached copy.
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same download first: the same pinned bytes
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

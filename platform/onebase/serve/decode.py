@@ -84,6 +84,7 @@ class Decoder:
         self.waiting: deque[Sequence] = deque()
         self.batches: dict[int, _Batch] = {}
         self._lock = threading.Lock()
+        self.finished: dict[str, int] = {}  # finish reason -> sequences (cancelled: their client went away)
 
     def submit(self, seq: Sequence) -> Sequence:
         if seq.sampling.temperature > 0:
@@ -169,6 +170,7 @@ class Decoder:
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.finish_reason is None:
             seq.finish_reason = reason
+            self.finished[reason] = self.finished.get(reason, 0) + 1
             if seq.sampling.logprobs is not None and reason == "stop" and seq.sampling.stop:
                 seq.logprobs = _logprobs_within(seq.logprobs, len(seq.text))
             self._emit(seq, seq.text)

@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from onebase.serve import programs
-from onebase.serve.artifacts import AdapterError, check_id, fetch, resolve_registry
-from onebase.serve.catalog import ADAPTER
+from onebase.serve.artifacts import AdapterError, check_id, content_digest, fetch, resolve_registry, s3_listing
+from onebase.serve.catalog import CatalogEntry, model_key
 from onebase.serve.config import AdapterRef, ServeArgs
 from onebase.serve.openai_format import Chunks, chat_choice, completion_choice, usage
 from onebase.serve.schemas import (
@@ -116,19 +116,23 @@ class Gateway:
         if ref.id in self.bases:
             raise AdapterError(f"adapter id {ref.id!r} is the name of a served base")
         resolved = await asyncio.to_thread(self._resolve_source, ref.source)
-        info = await asyncio.to_thread(lambda: programs.inspect_source(fetch(resolved, self.args.tracking_uri)))
+        pin = await asyncio.to_thread(s3_listing, resolved) if resolved.startswith("s3://") else None
+        path = await asyncio.to_thread(fetch, resolved, self.args.tracking_uri, pin)
+        # What was checked is what every replica loads: the files' digest (and S3 objects' ETags) go
+        # into the entry, and a replica refuses files that differ (artifacts.fetch_checked).
+        digest = await asyncio.to_thread(content_digest, path)
+        info = await asyncio.to_thread(programs.inspect_source, path)
         base = self._pick_base(ref, info)
-        entry = {"id": ref.id, "kind": ADAPTER, "source": ref.source, "resolved_source": resolved, "base": base,
-                 "method": info.method, "task": info.task, "labels": info.labels, "bytes": info.nbytes,
-                 **programs.entry_fields(info, ref.prefix_cache)}
-        rev = await self.catalog.stage.remote(entry)
-        key = f"{ref.id}#{rev}"
+        entry = CatalogEntry(id=ref.id, source=ref.source, resolved_source=resolved, base=base, method=info.method,
+                             task=info.task, labels=info.labels, bytes=info.nbytes, digest=digest, pin=pin,
+                             **programs.entry_fields(info, ref.prefix_cache))
+        key = (await self.catalog.stage.remote(entry)).key
         report = await self.servers[base].options(multiplexed_model_id=key).warm.remote()
         if "error" in report:
             await self.catalog.discard.remote(key, report["error"])
             raise AdapterError(report["error"])
         committed = await self.catalog.commit.remote(key)
-        return {**committed, "replicas": await self._spread(key, base)}
+        return {**committed.public(), "replicas": await self._spread(key, base)}
 
     async def _spread(self, key: str, base: str) -> int:
         """Wait until every replica of the base holds the new revision (each loads the catalog's
@@ -176,7 +180,7 @@ class Gateway:
         entry = await self.catalog.resolve.remote(model)
         if entry is None:
             raise HTTPException(404, f"model {model!r} not found (GET /v1/models lists the served models)")
-        return self.servers[entry["base"]].options(multiplexed_model_id=f"{model}#{entry['revision']}")
+        return self.servers[entry.base].options(multiplexed_model_id=model_key(model, entry.revision))
 
     # ---- OpenAI-compatible API -----------------------------------------------------------------
 
@@ -188,7 +192,7 @@ class Gateway:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "onebase", "kind": "base",
                  "task": b["task"], "base": name} for name, b in self.bases.items()]
         data += [{"id": e["id"], "object": "model", "created": e["loaded_at"], "owned_by": "onebase",
-                  "kind": e.get("kind", ADAPTER), "task": e["task"], "method": e["method"], "base": e["base"]}
+                  "kind": e["kind"], "task": e["task"], "method": e["method"], "base": e["base"]}
                  for e in listing["adapters"]]
         return {"object": "list", "data": data}
 
@@ -330,14 +334,17 @@ class Gateway:
         self.check_admin(request)
         await self.ready()
         listing = await self.catalog.listing.remote()
-        resident = {name: (await h.describe.remote())["resident"] for name, h in self.servers.items()}
-        return {**listing, "bases": self.bases, "resident_on_a_replica": resident}
+        described = {name: await h.describe.remote() for name, h in self.servers.items()}
+        return {**listing, "bases": self.bases,
+                "resident_on_a_replica": {name: d["resident"] for name, d in described.items()},
+                "decoding_on_a_replica": {name: d["decoding"] for name, d in described.items()}}
 
     @api.post("/admin/adapters", status_code=201)
     async def load(self, body: LoadRequest, request: Request) -> dict[str, Any]:
         self.check_admin(request)
         await self.ready()
         try:
+            check_id(body.id)  # the one-line refusal (AdapterRef would refuse it too, as a validation error)
             return await self.load_adapter(AdapterRef(id=body.id, source=body.source, base=body.base,
                                                       prefix_cache=body.prefix_cache))
         except AdapterError as err:
@@ -360,7 +367,7 @@ class Gateway:
         entry = await self.catalog.resolve.remote(adapter_id)
         if entry is None:
             raise HTTPException(404, f"adapter {adapter_id!r} is not loaded")
-        source = entry["source"]
+        source = entry.source
         if not source.startswith("models:/"):
             raise HTTPException(400, f"adapter {adapter_id}: promote needs a registry source (models:/...), "
                                      f"not {source}")
@@ -374,7 +381,7 @@ class Gateway:
                 new_source = f"models:/{name}@{alias}"
             else:
                 new_source = f"models:/{name}/{body.version}"
-            return await self.load_adapter(AdapterRef(id=adapter_id, source=new_source, base=entry["base"]))
+            return await self.load_adapter(AdapterRef(id=adapter_id, source=new_source, base=entry.base))
         except AdapterError as err:
             raise HTTPException(400, str(err)) from None
 

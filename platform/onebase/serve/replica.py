@@ -18,8 +18,8 @@ from typing import Any
 from ray import serve
 
 from onebase.serve import programs
-from onebase.serve.artifacts import AdapterError, fetch, inspect
-from onebase.serve.catalog import ADAPTER
+from onebase.serve.artifacts import AdapterError, fetch_checked, inspect
+from onebase.serve.catalog import ADAPTER, CatalogEntry, entry_id_of
 from onebase.serve.config import BaseSpec, LimitSpec
 from onebase.serve.scheduler import Scheduler
 from onebase.serve.stats import EntryStats, ReplicaStats
@@ -37,14 +37,15 @@ class Resident:
         self.engine.unload(self.loaded)
 
 
-async def _load_adapter(server: BaseServer, entry: dict[str, Any]):
-    info = await asyncio.to_thread(lambda: inspect(fetch(entry["resolved_source"], server.tracking_uri)))
-    return await asyncio.to_thread(server.engine.load, entry["id"], info)
+async def _load_adapter(server: BaseServer, entry: CatalogEntry):
+    info = await asyncio.to_thread(lambda: inspect(fetch_checked(entry.resolved_source, entry.digest,
+                                                                 server.tracking_uri, entry.pin)))
+    return await asyncio.to_thread(server.engine.load, entry.id, info)
 
 
 # What runs a request for an entry of each kind: a loader that puts the entry on this replica's
 # engine and returns its `Loaded`. A new kind of catalog entry registers its loader here.
-LOADERS: dict[str, Callable[[BaseServer, dict[str, Any]], Awaitable[Any]]] = {ADAPTER: _load_adapter,
+LOADERS: dict[str, Callable[[BaseServer, CatalogEntry], Awaitable[Any]]] = {ADAPTER: _load_adapter,
                                                                                programs.PROGRAM: programs.load}
 
 
@@ -70,10 +71,10 @@ class BaseServer:
     async def _load(self, model_id: str) -> Resident:
         entry = await self.catalog.lookup.remote(model_id)
         if entry is None:
-            raise AdapterError(f"adapter {model_id.partition('#')[0]}: not in the catalog")
-        loader = LOADERS.get(entry.get("kind", ADAPTER))
+            raise AdapterError(f"adapter {entry_id_of(model_id)}: not in the catalog")
+        loader = LOADERS.get(entry.kind)
         if loader is None:
-            raise AdapterError(f"{entry['id']}: this replica cannot serve entries of kind {entry['kind']!r}")
+            raise AdapterError(f"{entry.id}: this replica cannot serve entries of kind {entry.kind!r}")
         loaded = await loader(self, entry)
         loaded.tag = model_id
         self._start_reaper()
@@ -162,7 +163,8 @@ class BaseServer:
         return {"name": self.spec.model_name, "model": self.spec.name, "task": self.engine.task,
                 "fingerprint": self.engine.fingerprint, "fingerprints": sorted(self.engine.fingerprints),
                 "decoder": self.engine.decoder,
-                "resident": sorted({a.id for a in self.engine.adapters.values() if not a.closing})}
+                "resident": sorted({a.id for a in self.engine.adapters.values() if not a.closing}),
+                "decoding": self.scheduler.load()}
 
     async def predict(self, task: str, texts: list[str], contexts: list[str] | None = None) -> dict[str, Any]:
         """A non-generating head's answer per text (`contexts`: extractive QA, `texts` are the questions)."""

@@ -37,6 +37,11 @@ class Scheduler:
 
     # ---- called from the replica's event loop -------------------------------------------------
 
+    def load(self) -> dict[str, Any]:
+        """Rows decoding, requests waiting, and sequences finished per reason (cancelled: client gone)."""
+        return {"running": self.batcher.running(), "waiting": len(self.batcher.waiting),
+                "finished": dict(self.batcher.finished)}
+
     def _admit(self, count: int) -> None:
         waiting = len(self.batcher.waiting) + sum(len(job[1]) for job in self.jobs)
         if waiting + count > self.max_queue:

@@ -63,7 +63,7 @@ class AnswerRequest(BaseModel):
 
 class LoadRequest(BaseModel):
     id: str
-    source: str
+    source: str = Field(min_length=1)
     base: str | None = None
     prefix_cache: bool = True  # prompt programs: false recomputes the demo prefix per request
 

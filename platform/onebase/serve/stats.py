@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from onebase.serve.catalog import entry_id_of
+
 RECENT = 200  # latencies kept per entry for the p50
 
 
@@ -39,7 +41,7 @@ class ReplicaStats:
         stats.requests += 1
         stats.errors += failed
         stats.latencies.append(seconds * 1000)
-        tags = {"base": self.base, "model": model.partition("#")[0]}
+        tags = {"base": self.base, "model": entry_id_of(model)}
         if self.metrics:
             self.metrics["requests"].inc(tags=tags)
             if failed:
@@ -48,7 +50,7 @@ class ReplicaStats:
 
     def lookup(self, model: str, hit: bool) -> None:
         if self.metrics:
-            self.metrics["hits" if hit else "misses"].inc(tags={"base": self.base, "model": model.partition("#")[0]})
+            self.metrics["hits" if hit else "misses"].inc(tags={"base": self.base, "model": entry_id_of(model)})
 
     def resident(self, count: int) -> None:
         if self.metrics:
