@@ -208,10 +208,10 @@ def http_load(url: str, models: list[str], requests_total: int, concurrency: int
 
 def start_server(base: dict, max_tokens: int) -> str:
     """A real onebase Serve app for SmolLM2 on local Ray (one replica, 2 threads); its URL once healthy."""
-    import requests
     from ray import serve
 
     from onebase.serve.app import build
+    from onebase.serve.client import Client
     from onebase.train.launch import connect_ray
 
     os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="obbench-", dir="/tmp"))
@@ -223,13 +223,7 @@ def start_server(base: dict, max_tokens: int) -> str:
             "auth": {"admin_token": "bench"}, "limits": {"max_tokens": max_tokens}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=60).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
+    Client(url).wait_ready(300)  # raises ServeError when the app is not up by then
     return url
 
 
