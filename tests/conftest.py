@@ -48,6 +48,20 @@ def ray_cluster(workspace):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster) -> str:
+    """One Ray Serve instance (controller + HTTP proxy on 127.0.0.1) for the serving test modules:
+    each runs its own application on it and deletes it when done (starting Serve once saves time)."""
+    from ray import serve
+
+    from onebase.runtime import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
 def tiny_spec(job: str, **sections) -> dict:
     """A seq-cls job on a tiny random BERT (MiniLM's tokenizer) over 192 bundled tweets."""
     spec = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from adapter_factory import LABELS, make_adapter, reference_model, tiny_base
 from onebase.model.build import load_tokenizer
+from onebase.runtime import free_port
 from onebase.serve.artifacts import AdapterError, inspect
 from onebase.serve.client import Client
 from onebase.serve.engine import BaseEngine, Row
@@ -239,12 +239,6 @@ def test_a_mistyped_base_task_or_a_long_adapter_id_is_a_config_error(tmp_path):
 
 # ---- the live server -------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def register_versions(uri: str, name: str, exports: list[Path]) -> list[str]:
     """Log each export as a run artifact and register it, the way `onebase run` does."""
     from onebase.tracking import registry
@@ -263,7 +257,7 @@ def register_versions(uri: str, name: str, exports: list[Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, bases, adapters, tmp_path_factory):
+def server(serve_http, bases, adapters, tmp_path_factory):
     from ray import serve
 
     from onebase.serve.app import build
@@ -276,8 +270,6 @@ def server(ray_cluster, bases, adapters, tmp_path_factory):
     from onebase.tracking.mlflow_run import client
 
     client(uri).set_registered_model_alias("sentiment", "champion", "1")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"tracking_uri": uri,
             "bases": [{"name": str(bases["bert"]), "alias": "tiny-bert", "cpus": 0.25, "max_adapters": 8,
                        "replicas": 2},
@@ -293,11 +285,10 @@ def server(ray_cluster, bases, adapters, tmp_path_factory):
             "auth": {"api_keys": ["test-key"], "admin_token": "admin-secret"},
             "limits": {"max_prompt_tokens": 64, "max_tokens": 512, "max_inputs": 8, "max_n": 4}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    url = serve_http
     Client(url).wait_ready(180)  # raises ServeError when the app is not up by then
     yield {"url": url, "uri": uri, "adapters": adapters, "root": root}
     serve.delete("onebase")
-    serve.shutdown()
 
 
 KEY = {"Authorization": "Bearer test-key"}

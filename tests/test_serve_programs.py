@@ -78,9 +78,8 @@ def evaluated(ray_cluster, base, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, base, fingerprint, evaluated, tmp_path_factory):
+def server(serve_http, base, fingerprint, evaluated, tmp_path_factory):
     from ray import serve
-    from test_serve import free_port
 
     from onebase.prompt import save_program
     from onebase.serve.app import build
@@ -89,8 +88,6 @@ def server(ray_cluster, base, fingerprint, evaluated, tmp_path_factory):
     root = tmp_path_factory.mktemp("prog-serving")
     generation = save_program(generation_program(base, fingerprint), root / "echo-prompt")
     lora = make_adapter(base, root / "chat-lora", "causal-lm", {"name": "lora", "r": 4}, seed=5)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"tracking_uri": evaluated["uri"],
             "bases": [{"name": str(base), "alias": "tiny-llama", "cpus": 0.5, "max_adapters": 8}],
             "adapters": [{"id": "echo-prompt", "source": str(generation)},
@@ -98,11 +95,10 @@ def server(ray_cluster, base, fingerprint, evaluated, tmp_path_factory):
             "auth": {"api_keys": ["test-key"], "admin_token": "admin-secret"},
             "limits": {"max_prompt_tokens": 64, "max_tokens": 32, "max_inputs": 8}}
     serve.run(build(args), name="onebase-programs", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    url = serve_http  # the session's Serve instance (tests/conftest.py), shared with test_serve.py
     Client(url).wait_ready(180)
     yield {"url": url, "root": root, "generation": generation}
     serve.delete("onebase-programs")
-    serve.shutdown()
 
 
 def test_a_program_runs_on_the_engines_own_base_beside_an_adapter(base, fingerprint, tmp_path):
