@@ -333,20 +333,23 @@ def poisson_load(url: str, models: list[str], mix: list[tuple[int, str, int]], r
     lock = threading.Lock()
 
     def one(model: str, prompt: str, max_tokens: int, record: bool = True) -> None:
-        began, first, pieces = time.perf_counter(), None, 0
+        began, first, pieces, tokens = time.perf_counter(), None, 0, 0
         with requests.post(f"{url}/v1/chat/completions", stream=True, timeout=600, json={
                 "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True}) as r:
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}) as r:
             ok = r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith(b"data: {") and b'"content"' in line:
-                    pieces += 1
+                    pieces += 1  # an event may carry several tokens (the replica coalesces under load)
                     first = first or time.perf_counter()
+                elif line.startswith(b"data: {") and b'"usage"' in line:
+                    tokens = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens") or tokens
         done = time.perf_counter()
         if record:
             with lock:
                 records.append({"ok": ok, "latency": done - began, "ttft": (first or done) - began,
-                                "per_token": (done - (first or done)) / max(pieces - 1, 1), "pieces": pieces})
+                                "per_token": (done - (first or done)) / max(tokens - 1, 1), "pieces": pieces,
+                                "tokens": tokens})
 
     threads = []
     if long_stream:
@@ -371,6 +374,7 @@ def poisson_load(url: str, models: list[str], mix: list[tuple[int, str, int]], r
         return {"p50": statistics.median(values), "p95": percentile(values, 0.95)} if values else {}
 
     return {"requests": len(mix), "failed": len(records) - len(good), "offered_req_per_s": rate,
+            "tokens_per_event": sum(r["tokens"] for r in good) / max(sum(r["pieces"] for r in good), 1),
             "seconds": elapsed, "req_per_s": len(good) / elapsed, "ttft_s": stat("ttft"),
             "per_token_s": stat("per_token"), "latency_s": stat("latency"), "long_stream": long_stream}
 

@@ -783,3 +783,26 @@ def test_a_full_replica_queue_refuses_and_a_cancelled_request_frees_its_rows(bas
         time.sleep(0.01)
     assert not engine.batcher.pending()
     assert QueueFull.status == 429
+
+
+def test_streamed_pieces_that_pile_up_while_the_reader_is_busy_go_out_together(bases):
+    """When the replica's event loop falls behind the decoding thread, the text pieces waiting for it
+    leave as one event (fewer hops through gateway and proxy), and the text is unchanged."""
+    import asyncio
+
+    from onebase.serve.scheduler import Scheduler
+
+    engine = BaseEngine(str(bases["llama"]))
+    scheduler = Scheduler(engine, max_rows=4, max_queue=4, wait_s=0)
+    expected = engine.generate([Row(None, PROMPTS[0], max_tokens=24)])[0]
+
+    async def read_slowly() -> list:
+        items = []
+        async for _, item in scheduler.generate([engine.sequence(Row(None, PROMPTS[0], max_tokens=24))]):
+            items.append(item)
+            await asyncio.sleep(0.3)  # a busy loop: the decoding thread runs ahead meanwhile
+        return items
+
+    *pieces, final = asyncio.run(read_slowly())
+    assert final["text"] == expected["text"] and final["completion_tokens"] == 24
+    assert "".join(pieces) == final["text"] and 1 <= len(pieces) <= 12  # two or more tokens per event

@@ -189,7 +189,7 @@ class BaseServer:
                     return {"choices": [await programs.complete(self, loaded, prompt, messages)]}
                 seqs = self._sequences(loaded, prompt, messages, settings)
                 results: list[dict[str, Any]] = [{}] * len(seqs)
-                async for index, item in self.scheduler.generate(seqs):
+                async for index, item in self.scheduler.generate(seqs, stream=False):
                     if isinstance(item, dict):
                         results[index] = item
         except AdapterError as err:

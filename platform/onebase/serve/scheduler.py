@@ -57,13 +57,16 @@ class Scheduler:
             self.wake.notify()
         return await future
 
-    async def generate(self, seqs: list) -> AsyncIterator[tuple[int, str | dict[str, Any]]]:
-        """(index, text piece) as the sequences produce text, then (index, result) once each is done."""
+    async def generate(self, seqs: list, stream: bool = True) -> AsyncIterator[tuple[int, str | dict[str, Any]]]:
+        """(index, text piece) as the sequences produce text (`stream`), then (index, result) once each
+        is done. Pieces that piled up meanwhile come as one: under load, one event per several tokens
+        rather than one per token through the replica's loop, the gateway and the HTTP proxy."""
         self._admit(len(seqs))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for i, seq in enumerate(seqs):
-            seq.on_text = lambda piece, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, piece))
+            if stream:  # a whole-answer request needs no per-token hop into the event loop
+                seq.on_text = lambda piece, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, piece))
             seq.on_done = lambda seq=seq, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, seq.result()))
         with self.wake:
             for seq in seqs:
@@ -72,9 +75,9 @@ class Scheduler:
         left = len(seqs)
         try:
             while left:
-                index, item = await events.get()
-                left -= isinstance(item, dict)
-                yield index, item
+                for index, item in _coalesced([await events.get()] + _drain(events)):
+                    left -= isinstance(item, dict)
+                    yield index, item
         finally:  # the caller went away (or stopped reading): free the rows at the next step
             for seq in seqs:
                 seq.cancelled = True
@@ -133,3 +136,21 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _drain(events: asyncio.Queue) -> list:
+    items = []
+    while not events.empty():
+        items.append(events.get_nowait())
+    return items
+
+
+def _coalesced(items: list) -> list:
+    """Consecutive text pieces of one sequence joined (results and other sequences' pieces kept in order)."""
+    out: list = []
+    for index, item in items:
+        if isinstance(item, str) and out and out[-1][0] == index and isinstance(out[-1][1], str):
+            out[-1] = (index, out[-1][1] + item)
+        else:
+            out.append((index, item))
+    return out
