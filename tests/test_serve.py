@@ -517,6 +517,23 @@ def test_openai_sampling_fields_through_the_official_client(server):
     first, again, other = ([c.text for c in r.choices] for r in sampled)
     assert len(first) == 3 and len(set(first)) > 1 and first == again and first != other
     assert sampled[0].usage.prompt_tokens == plain.usage.prompt_tokens  # one prompt, counted once
+    # n on a stream: the samples' chunks interleave, told apart by index; each is its unstreamed twin.
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(model="chat-lora", prompt="Hello there", max_tokens=8, temperature=1.0,
+                                           n=3, seed=7, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(3)] == first
+    chat_body = {"model": "chat-lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                 "temperature": 1.0, "n": 2, "seed": 3}
+    whole = client.chat.completions.create(**chat_body)
+    chunks = list(client.chat.completions.create(**chat_body, stream=True, stream_options={"include_usage": True}))
+    deltas: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            deltas[choice.index] = deltas.get(choice.index, "") + (choice.delta.content or "")
+    assert [deltas[0], deltas[1]] == [c.message.content for c in whole.choices]
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()  # the prompt counted once, both samples
     # logprobs: the chosen token's and the top k, consistent with the greedy choice.
     scored = client.completions.create(model="chat-lora", prompt="Hello there", max_tokens=4, temperature=0,
                                        logprobs=3)

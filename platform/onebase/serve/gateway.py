@@ -278,8 +278,6 @@ class Gateway:
         limits = self.args.limits
         if not 1 <= body.n <= limits.max_n:
             raise HTTPException(400, f"n: give 1 to {limits.max_n}")
-        if body.stream and body.n != 1:
-            raise HTTPException(400, "n: a streamed request takes n=1")
         if not 1 <= max_tokens <= limits.max_tokens:
             raise HTTPException(400, f"max_tokens: give 1 to {limits.max_tokens}")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -305,20 +303,24 @@ class Gateway:
 
         async def events():
             if chat:
-                yield chunks.role()
+                for index in range(settings["n"]):
+                    yield chunks.role(index)
+            finals: dict[int, dict[str, Any]] = {}
             item = first
             while True:
-                if isinstance(item, str):
-                    yield chunks.piece(item)
+                if "text" in item:
+                    yield chunks.piece(item["text"], index=item["index"])
                 elif "final" in item:
                     final = item["final"]
                     if "error" in final:  # the text so far went out; end the stream with the error
                         yield "data: " + json.dumps({"error": {"message": final["error"]}}) + "\n\n"
                         break
-                    yield chunks.piece(None, final["finish_reason"])
-                    if include_usage:
-                        yield chunks.usage(final)
-                    break
+                    finals[item["index"]] = final
+                    yield chunks.piece(None, final["finish_reason"], index=item["index"])
+                    if len(finals) == settings["n"]:
+                        if include_usage:
+                            yield chunks.usage([finals[i] for i in sorted(finals)])
+                        break
                 try:
                     item = await pieces.__anext__()
                 except StopAsyncIteration:

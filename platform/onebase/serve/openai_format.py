@@ -57,14 +57,15 @@ class Chunks:
         return "data: " + json.dumps({"id": self.id, "object": self.object, "created": int(time.time()),
                                       "model": self.model, "choices": choices, **extra}) + "\n\n"
 
-    def role(self) -> str:
-        return self.event([{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}])
+    def role(self, index: int = 0) -> str:
+        return self.event([{"index": index, "delta": {"role": "assistant"}, "finish_reason": None}])
 
-    def piece(self, text: str | None, finish: str | None = None) -> str:
+    def piece(self, text: str | None, finish: str | None = None, index: int = 0) -> str:
         if self.chat:
             delta = {"content": text} if text is not None else {}
-            return self.event([{"index": 0, "delta": delta, "finish_reason": finish}])
-        return self.event([{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}])
+            return self.event([{"index": index, "delta": delta, "finish_reason": finish}])
+        return self.event([{"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}])
 
-    def usage(self, result: dict[str, Any]) -> str:
-        return self.event([], usage=usage([result]))
+    def usage(self, results: list[dict[str, Any]]) -> str:
+        """The n samples of one prompt: its prompt tokens counted once."""
+        return self.event([], usage=usage([{**r, "first": i == 0} for i, r in enumerate(results)]))

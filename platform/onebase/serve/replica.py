@@ -199,17 +199,18 @@ class BaseServer:
 
     async def complete_stream(self, prompt: str | None, messages: list[dict[str, str]] | None,
                               settings: dict[str, Any]):
-        """Yields text pieces, then {"final": result}; a first item {"error": ...} when it cannot run."""
+        """Yields {"index": i, "text": piece} as sample i produces text and {"index": i, "final": result}
+        once it is done (n samples interleaved); a first item {"error": ...} when it cannot run."""
         try:
             async with self._leased() as loaded:
                 if programs.is_program(loaded):  # a program answers whole: one piece, then the result
                     result = await programs.complete(self, loaded, prompt, messages)
-                    yield result["text"]
-                    yield {"final": result}
+                    yield {"index": 0, "text": result["text"]}
+                    yield {"index": 0, "final": result}
                     return
-                seqs = self._sequences(loaded, prompt, messages, {**settings, "n": 1})
-                async for _, item in self.scheduler.generate(seqs):
-                    yield {"final": item} if isinstance(item, dict) else item
+                seqs = self._sequences(loaded, prompt, messages, settings)
+                async for index, item in self.scheduler.generate(seqs):
+                    yield {"index": index, "final": item} if isinstance(item, dict) else {"index": index, "text": item}
         except AdapterError as err:
             yield _refusal(err)
 
