@@ -53,3 +53,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print("onebase: error: the rows were not all scored on the same evaluation rows", flush=True)
         return 1
     return 0
+
+
+def is_compare_spec(path: str) -> bool:
+    """A YAML mapping with `kind: compare` (anything unreadable is left to the job loader's messages)."""
+    import yaml
+
+    try:
+        from pathlib import Path
+
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "compare"
+
+
+def validate_compare(path: str, overrides: list[str]) -> int:
+    """Every check `onebase compare` makes before Ray starts (also `onebase validate` on a compare spec)."""
+    from onebase.compare.plan import check_before_ray, plan
+    from onebase.compare.spec import load_compare
+
+    spec, folder = load_compare(path, overrides)
+    rows = plan(spec, folder)
+    n = check_before_ray(spec, rows)
+    kinds = sorted({r.kind for r in rows})
+    print(f"{path}: ok ({spec.task}, {len(rows)} rows of kinds {', '.join(kinds)}, {n} evaluation rows)")
+    return 0
