@@ -107,9 +107,18 @@ def test_set_override_is_validated(workspace):
 # --- every pre-flight check, through `onebase run` and `onebase validate` in one interpreter -----------
 
 REPO = Path(__file__).resolve().parents[1]
-# Prompt programs (jobs/prompt-*.yaml) have their own schema and bad-input tests (tests/test_prompt.py).
-SHIPPED_JOBS = sorted(p for p in (REPO / "jobs").glob("*.yaml")
-                      if "sweep" not in p.name and not p.name.startswith("prompt-"))
+
+
+def is_job_spec(path: Path) -> bool:
+    """Prompt programs and compare specs say their `kind:`, sweeps name their `job:`; each kind has its own
+    bad-input tests (test_prompt.py, test_compare.py, test_sweep.py)."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    return isinstance(raw, dict) and "kind" not in raw and "job" not in raw
+
+
+SHIPPED_JOBS = sorted(p for p in (REPO / "jobs").glob("*.yaml") if is_job_spec(p))
 # Free-form mappings: any key is allowed there (Ray custom resources; the model's own config fields
 # are checked against the architecture, so they stay in).
 FREE_FORM = {("scaling", "resources_per_worker")}
