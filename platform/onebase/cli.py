@@ -94,10 +94,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from onebase.compare.cli import is_compare_spec, validate_compare
     from onebase.spec import load_spec, spec_kind
 
-    if is_compare_spec(args.spec):  # the same checks as `onebase compare` before Ray
+    if spec_kind(args.spec) == "compare":  # the same checks as `onebase compare` before Ray
+        from onebase.compare.cli import validate_compare
+
         return validate_compare(args.spec, args.overrides)
     if spec_kind(args.spec) == "prompt-program":  # the same checks as `onebase prompt validate`
         from onebase.prompt.cli import validate_program

@@ -55,19 +55,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def is_compare_spec(path: str) -> bool:
-    """A YAML mapping with `kind: compare` (anything unreadable is left to the job loader's messages)."""
-    import yaml
-
-    try:
-        from pathlib import Path
-
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    return isinstance(raw, dict) and raw.get("kind") == "compare"
-
-
 def validate_compare(path: str, overrides: list[str]) -> int:
     """Every check `onebase compare` makes before Ray starts (also `onebase validate` on a compare spec)."""
     from onebase.compare.plan import check_before_ray, plan

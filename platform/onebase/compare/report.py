@@ -69,6 +69,16 @@ def markdown(name: str, metric: str, rows: list[dict[str, Any]], check: dict[str
     return "\n".join(lines) + "\n"
 
 
+def finish(fig, ax, metric: str, path: Path, plt) -> None:
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def kshot_plot(rows: list[dict[str, Any]], metric: str, path: Path, plt) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     done = [r for r in rows if r["status"] == "finished"]
@@ -90,13 +100,7 @@ def kshot_plot(rows: list[dict[str, Any]], metric: str, path: Path, plt) -> None
         ax.axhline(r["metric"], ls=":" if r["kind"] == "majority" else "--", lw=1, color=f"C{(i + 4) % 10}",
                    label=r["name"])
     ax.set_xlabel("demonstrations k")
-    ax.set_ylabel(metric)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, metric, path, plt)
 
 
 def scatter(rows: list[dict[str, Any]], metric: str, key: str, label: str, path: Path, plt) -> None:
@@ -109,13 +113,7 @@ def scatter(rows: list[dict[str, Any]], metric: str, key: str, label: str, path:
             ax.annotate(r["name"], (r[key], r["metric"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel(label)
-    ax.set_ylabel(metric)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish(fig, ax, metric, path, plt)
 
 
 def build(uri: str, parent: str, out_dir: Path) -> dict[str, Any]:

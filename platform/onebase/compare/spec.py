@@ -28,11 +28,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from onebase.errors import SpecError, validation_line
 from onebase.spec.base import Strict
-from onebase.spec.load import read_spec_mapping
+from onebase.spec.load import parse_kind, read_spec_mapping
 from onebase.spec.schema import DataSpec, ModelSpec, OutputSpec, TrackingSpec
 
 KIND = "compare"
@@ -157,9 +156,4 @@ def load_compare(path: str | Path, overrides: list[str] | None = None, quick: bo
 
 
 def parse_compare(raw: dict[str, Any], source: str = "spec") -> CompareSpec:
-    if raw.get("kind") != KIND:
-        raise SpecError(f"{source}: kind: must be {KIND} (got {raw.get('kind')!r})")
-    try:
-        return CompareSpec.model_validate(raw)
-    except ValidationError as err:
-        raise SpecError(f"{source}: {validation_line(err)}") from None
+    return parse_kind(raw, KIND, CompareSpec, source)

@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from onebase.errors import SpecError
-from onebase.spec.load import describe, read_spec_mapping
+from onebase.spec.load import parse_kind, read_spec_mapping
 from onebase.spec.schema import DataSpec, JobSpec, OutputSpec, Strict, TrackingSpec
 
 KIND = "prompt-program"
@@ -197,11 +196,4 @@ def load_program_spec(path: str | Path, overrides: list[str] | None = None) -> P
 
 
 def parse_program_spec(raw: dict[str, Any], source: str = "spec") -> ProgramSpec:
-    from pydantic import ValidationError
-
-    if raw.get("kind") != KIND:
-        raise SpecError(f"{source}: kind: must be {KIND} (got {raw.get('kind')!r})")
-    try:
-        return ProgramSpec.model_validate(raw)
-    except ValidationError as err:
-        raise SpecError(f"{source}: {describe(err)}") from None
+    return parse_kind(raw, KIND, ProgramSpec, source)

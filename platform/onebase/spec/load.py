@@ -51,10 +51,20 @@ def spec_kind(path: str | Path) -> str:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
         return "job"
-    if isinstance(raw, dict) and raw.get("kind") == "prompt-program":  # onebase.prompt.spec
-        return "prompt-program"
+    if isinstance(raw, dict) and raw.get("kind") in ("prompt-program", "compare"):  # prompt/spec.py, compare/spec.py
+        return raw["kind"]
     is_sweep = isinstance(raw, dict) and "methods" in raw and ("job" in raw or "base" in raw)
     return "sweep" if is_sweep else "job"
+
+
+def parse_kind(raw: dict[str, Any], kind: str, model: type[Any], source: str = "spec") -> Any:
+    """A spec that says its `kind:` (prompt programs, compare specs), validated by its pydantic model."""
+    if raw.get("kind") != kind:
+        raise SpecError(f"{source}: kind: must be {kind} (got {raw.get('kind')!r})")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {describe(err)}") from None
 
 
 def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
