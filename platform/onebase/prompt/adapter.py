@@ -12,15 +12,13 @@ program's base), `check_base_fingerprint` once a worker has loaded the base (the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from onebase.errors import OnebaseError, SpecError
+from onebase.manifest import MANIFEST, RunInfo, read_run_info
 
-RUN_INFO = "onebase.json"
 # PEFT methods whose trained tensors merge into the base weights; the others run beside them.
 MERGED = frozenset({"lora", "dora", "ia3"})
 LOADED = frozenset({"full", "bitfit", "houlsby", "adapterbias"})
@@ -38,21 +36,20 @@ class AdapterRef(BaseModel):
     export_sha256: str | None = None
 
 
-def read_export(path: str) -> dict[str, Any]:
-    """The export's onebase.json, or a one-line error naming what is missing."""
+def read_export(path: str) -> RunInfo:
+    """The export's manifest (manifest.read_run_info), or a one-line error naming what is missing."""
     directory = Path(path)
     if not directory.is_dir():
         raise SpecError(f"adapter: {path} is not a directory (an onebase training export)")
+    if not (directory / MANIFEST).is_file():
+        raise SpecError(f"adapter: {path} has no readable {MANIFEST} (not an onebase training export)")
     try:
-        info = json.loads((directory / RUN_INFO).read_text())
-    except (OSError, ValueError):
-        raise SpecError(f"adapter: {path} has no readable {RUN_INFO} (not an onebase training export)") from None
-    if not isinstance(info, dict) or "method" not in info:
-        raise SpecError(f"adapter: {path}/{RUN_INFO} names no method (not an onebase training export)")
-    return info
+        return read_run_info(directory, SpecError)
+    except SpecError as err:
+        raise SpecError(f"adapter: {err}") from None
 
 
-def check_export(path: str, base: str) -> dict[str, Any]:
+def check_export(path: str, base: str) -> RunInfo:
     """Before Ray: the export is a causal-LM tune of a method a program can run on, trained on `base`."""
     info = read_export(path)
     method, task = info["method"], info.get("task")
