@@ -89,8 +89,7 @@ def run_compare(spec: CompareSpec, rows: list[Row], text: str, address: str | No
                      else f"FAILED: {record['reason']}")
             echo(f"[compare] {row.name}: {shown}")
     finally:
-        for pool in workers.values():
-            pool.close()
+        close_pools(workers)
     result = report.build(uri, parent, out_dir)
     mlflow_run.client(uri).set_terminated(parent, "FINISHED")
     return result
@@ -132,10 +131,15 @@ def pool_for(workers: dict, program) -> Any:
     key = (program.base, program.base_init, json.dumps(program.base_config_overrides, sort_keys=True),
            program.adapter)
     if key not in workers:
-        for other in list(workers):  # two bases' actors at once would not fit 2 CPUs
-            workers.pop(other).close()
+        close_pools(workers)  # two bases' actors at once would not fit 2 CPUs
         workers[key] = Workers(program, prepare(program).model_path)
     return workers[key]
+
+
+def close_pools(workers: dict) -> None:
+    """Stop every prompt actor pool (their CPUs go to whatever runs next)."""
+    for key in list(workers):
+        workers.pop(key).close()
 
 
 def run_programs(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
@@ -175,8 +179,7 @@ def run_ape(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, worker
     from onebase.prompt.evaluate import prepare
     from onebase.prompt.search import search_program
 
-    for pool in list(workers):  # search starts its own actors
-        workers.pop(pool).close()
+    close_pools(workers)  # search starts its own actors
     program_spec = row.programs[0]
     result = search_program(program_spec, yaml.safe_dump(program_spec.model_dump(mode="json")), tracking_uri=uri,
                             echo=lambda *_: None)
@@ -204,8 +207,7 @@ def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, work
     from onebase.sweep.spec import draw_trials, trial_spec
     from onebase.train.launch import worker_slots
 
-    for pool in list(workers):  # the prompt actors' CPUs go to the training workers
-        workers.pop(pool).close()
+    close_pools(workers)  # the prompt actors' CPUs go to the training workers
     trials = draw_trials(row.sweep)
     first = trial_spec(row.job, trials[0])
     concurrency = max(1, min(row.sweep.max_concurrent_trials, worker_slots(first) // first.scaling.num_workers))
@@ -251,8 +253,7 @@ def score_export(spec: CompareSpec, row: Row, uri: str, child: str, export: Path
     raw = merge(program_raw(spec, contender, f"{spec.name}-{row.name}-program"), {"adapter": str(export)})
     program_row = Row(row.name, "program", row.base, programs=[parse_program(raw, f"contender {row.name}")])
     scored, _ = run_programs(spec, program_row, uri, child, export, workers)
-    for pool in list(workers):
-        workers.pop(pool).close()
+    close_pools(workers)
     return {k: scored[k] for k in ("metric", "prompt_tokens_per_query", "ms_per_query")}
 
 
@@ -260,10 +261,10 @@ def score_export(spec: CompareSpec, row: Row, uri: str, child: str, export: Path
 
 def run_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
     from onebase.spec.load import parse_spec
+    from onebase.sweep.run import weights_bytes
     from onebase.train.launch import run_job
 
-    for pool in list(workers):
-        workers.pop(pool).close()
+    close_pools(workers)
     job = parse_spec({**row.job, "output": {"path": str(out)},
                       "tracking": {**row.job.get("tracking", {}), "experiment": spec.tracking.experiment,
                                    "uri": uri}})
@@ -279,7 +280,7 @@ def run_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path,
     scored, ids = run_programs(spec, Row(row.name, "program", row.base, programs=[program]), uri, child, out,
                                workers)
     params = mlflow_run.client(uri).get_run(trained.run_id).data.params
-    weights = sum(p.stat().st_size for p in Path(trained.export_dir).glob("*.safetensors"))
+    weights = weights_bytes(Path(trained.export_dir))
     return ({**scored, "trainable_params": float(params.get("trainable_params", "nan")),
              "stored_bytes": weights + scored["stored_bytes"], "train_seconds": train_seconds,
              "generalist_registered": trained.registered}, ids)
