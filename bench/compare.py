@@ -8,7 +8,8 @@
     the generalist on a generated reasoning task.
 The report, its plots and the figures below are copied to docs/img/compare-<spec>-*.png.
 
-    .venv/bin/python bench/compare.py                     # the full run (both parts)
+    .venv/bin/python bench/compare.py                     # the full run (both parts; the generalist trained once)
+    .venv/bin/python bench/compare.py --part a --generalist runs/.../export   # reuse a trained generalist
     .venv/bin/python bench/compare.py --part a --cut 120 200 2   # cut down: 120 eval rows, 200 train rows, 2 lr
     .venv/bin/python bench/compare.py --quick             # tiny models: every contender kind, minutes
 """
@@ -52,6 +53,34 @@ def cut_down(path: Path, rows: int, train_rows: int, draws: int, out: Path) -> P
     return out
 
 
+def train_generalist(tracking_uri: str | None) -> tuple[Path, float]:
+    """The FLAN-mixture generalist, trained once (`onebase run jobs/flan-mixture-smollm2.yaml`) and then
+    reused by both parts, as a generalist is: its training time is reported on its own."""
+    import subprocess
+    import sys
+
+    out = REPO / "runs" / "bench-compare" / "generalist"
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onebase.cli", "run", str(REPO / "jobs" / "flan-mixture-smollm2.yaml"),
+                    "--set", "evaluation=null", "--set", f"output.path={out}"]
+                   + (["--tracking-uri", tracking_uri] if tracking_uri else []), check=True)
+    return out / "flan-mixture-smollm2" / "export", time.perf_counter() - began
+
+
+def use_export(path: Path, export: Path, out: Path) -> Path:
+    """A copy of a compare spec whose generalist rows score `export` instead of training it again."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    for c in raw["contenders"]:
+        if c["kind"] == "generalist":
+            c.pop("job_file", None), c.pop("job", None)
+            c["export"] = str(export.resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
 def run(path: Path, overrides: list[str], quick: bool) -> dict:
     from onebase.compare.plan import check_before_ray, plan
     from onebase.compare.run import run_compare
@@ -66,7 +95,9 @@ def run(path: Path, overrides: list[str], quick: bool) -> dict:
     out = REPO / "docs" / "img"
     out.mkdir(parents=True, exist_ok=True)
     tag = "-quick" if quick else ""
-    for plot in ("kshot.png", "quality_vs_bytes.png", "quality_vs_cost.png"):
+    from onebase.compare.report import PLOTS
+
+    for plot in PLOTS:
         shutil.copy(result["report_dir"] / plot, out / f"{spec.name}{tag}-{plot}")
     keep = ("name", "kind", "base", "status", "reason", "metric", "metric_std", "seeds", "draw_min", "draw_max",
             "best_learning_rate", "trainable_params", "stored_bytes", "train_seconds", "prompt_tokens_per_query",
@@ -86,14 +117,24 @@ def main() -> None:
     parser.add_argument("--cut", nargs=3, type=int, metavar=("ROWS", "TRAIN_ROWS", "DRAWS"),
                         help="a cut-down run (see cut_down) for a shared machine")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "compare.json"))
+    parser.add_argument("--generalist", metavar="EXPORT",
+                        help="a trained flan-mixture export to score (default: train it once, then reuse it)")
+    parser.add_argument("--generalist-seconds", type=float, help="how long that export took to train (recorded)")
     args = parser.parse_args()
     os.chdir(REPO)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
                "parts": {}}
+    export, seconds = (Path(args.generalist), args.generalist_seconds) if args.generalist else (None, None)
+    if export is None and not args.quick and not args.cut:
+        uri = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")), None)
+        export, seconds = train_generalist(uri)
+    results["generalist"] = {"export": str(export) if export else None, "train_seconds": seconds}
     for part in (["a", "b"] if args.part == "all" else [args.part]):
         path = SPECS[part]
         if args.cut:
             path = cut_down(path, *args.cut, REPO / "runs" / "bench-compare" / path.name)
+        if export is not None:
+            path = use_export(path, export, REPO / "runs" / "bench-compare" / f"reuse-{path.name}")
         results["parts"][part] = {**run(path, args.overrides, args.quick), "cut": args.cut}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=float))

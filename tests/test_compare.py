@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, onebase_cli
+from onebase.compare.report import PLOTS
 
 TWEETS = {"source": "bundled:tweet-sentiment", "validation": {"fraction": 0.1, "seed": 42, "max_samples": 24}}
 LABELS = {"negative": ["negative"], "neutral": ["neutral"], "positive": ["positive"]}
@@ -77,8 +78,29 @@ def test_quick_compare_scores_every_kind_on_the_same_rows(quick_run):
     assert 0 < rows["generalist"]["stored_bytes"] and rows["majority"]["trainable_params"] == 0
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in expected)
-    for plot in ("kshot.png", "quality_vs_bytes.png", "quality_vs_cost.png"):
+    assert len(rows["lora-decoder"]["draw_run_ids"]) == 2  # every draw's loss curve is in the report
+    for plot in PLOTS:
         assert (out / plot).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_generalist_trained_once_is_reused_by_export(quick_run):
+    """`export:` scores an already-trained generalist without training it again: same export, same rows,
+    same program, so the same score as the row that trained it."""
+    work, _, parent, _ = quick_run
+    first = {r["name"]: r for r in json.loads((work / "runs" / "tiny-compare" / parent / "report.json")
+                                               .read_text())["rows"]}
+    spec = compare_spec(name="tiny-reuse", contenders=[
+        {"kind": "majority", "name": "majority"},
+        {"kind": "generalist", "name": "generalist", "base": "decoder",
+         "export": first["generalist"]["generalist_export"]}])
+    result = onebase_cli("compare", str(write(work / "reuse.yaml", spec)), "--quick", cwd=work, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reused = json.loads(next((work / "runs" / "tiny-reuse").glob("*/report.json")).read_text())
+    row = {r["name"]: r for r in reused["rows"]}["generalist"]
+    assert row["status"] == "finished" and row["metric"] == pytest.approx(first["generalist"]["metric"], abs=1e-9)
+    assert row["train_seconds"] != row["train_seconds"]  # NaN: trained elsewhere, its cost not re-counted
+    assert reused["same_rows"]["sha256"] == [first["majority"]["eval_rows_sha256"]]
 
 
 @pytest.mark.slow
@@ -99,11 +121,16 @@ BAD = [
       "contenders": [{"kind": "majority", "name": "m"}]}, "column"),
     ({"contenders": [{"kind": "generalist", "name": "g", "base": "decoder", "job_file": "nolabels.yaml"}]},
      "held_out"),
+    ({"contenders": [{"kind": "generalist", "name": "g", "base": "decoder", "job_file": "nolabels.yaml",
+                      "export": "runs/x"}]}, "exactly one of job_file"),
+    ({"contenders": [{"kind": "generalist", "name": "g", "base": "decoder", "export": "reviews.csv"}]},
+     "not a directory"),
 ]
 
 
 @pytest.mark.parametrize("fields,needle", BAD, ids=["unknown-contender", "bitfit-on-llama", "no-labels",
-                                                    "missing-column", "held-out-without-labels"])
+                                                    "missing-column", "held-out-without-labels",
+                                                    "generalist-two-sources", "generalist-export-not-an-export"])
 def test_bad_input_is_one_line_exit_2_before_ray(tmp_path, fields, needle):
     (tmp_path / "reviews.csv").write_text("review,score\ngreat,5\nbad,1\n")
     job = yaml.safe_load((REPO / "jobs" / "flan-mixture-smollm2.yaml").read_text())
@@ -115,3 +142,37 @@ def test_bad_input_is_one_line_exit_2_before_ray(tmp_path, fields, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("onebase: error:") and needle in lines[0], result.stderr
     assert not (tmp_path / "mlflow.db").exists() and shutil.which("python")
+
+
+def test_a_calibrated_icl_row_reuses_its_twins_forwards_exactly(workspace, ray_cluster):
+    """Contextual calibration only reweights label probabilities, so the calibrated ICL row is derived from
+    its uncalibrated twin's scores; the result must equal scoring the calibrated program from scratch."""
+    from onebase.compare.plan import plan
+    from onebase.compare.quick import cut_down
+    from onebase.compare.run import close_pools, evaluate_sharing, pool_for
+    from onebase.compare.spec import parse_compare
+    from onebase.prompt.demos import build_program
+    from onebase.prompt.evaluate import evaluate_on, finalise, prepare
+
+    grid = {"kind": "icl", "name": "icl", "base": "decoder", "k": [2], "seeds": [0], "labels": ["gold"],
+            "calibration": ["none", "contextual"]}
+    spec = parse_compare(cut_down(compare_spec(contenders=[grid])))
+    pools: dict = {}
+    try:
+        scored = []
+        for row in plan(spec, workspace):
+            prepared = prepare(row.programs[0])
+            pool = pool_for(pools, row.programs[0])
+            program = finalise(build_program(row.programs[0], prepared.dataset.train, prepared.dataset.labels,
+                                             pool.fingerprint()), pool)
+            scored.append(evaluate_sharing(pool, prepared, program))
+        (twin, twin_preds), (shared, shared_preds) = scored
+        fresh, fresh_preds = evaluate_on(pool, prepared, program)
+    finally:
+        close_pools(pools)
+    assert program.calibration.mode == "contextual" and shared["ms_per_query"] == twin["ms_per_query"]
+    assert [p["answer"] for p in shared_preds] == [p["answer"] for p in fresh_preds]
+    for mine, theirs in zip(shared_preds, fresh_preds):
+        assert mine["probs"] == pytest.approx(theirs["probs"], abs=1e-6)
+    assert shared["macro_f1"] == fresh["macro_f1"]
+    assert any(a["probs"] != pytest.approx(b["probs"], abs=1e-6) for a, b in zip(shared_preds, twin_preds))

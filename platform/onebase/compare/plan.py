@@ -137,6 +137,11 @@ def train_row(spec: CompareSpec, c, where: str, base: str) -> Row:
 def generalist_row(spec: CompareSpec, c, where: str, base: str, folder: Path) -> Row:
     from onebase.spec.load import parse_spec
 
+    if c.export is not None:  # trained once elsewhere: only scored here (prepare() checks its base)
+        export = folder / Path(c.export).expanduser()
+        raw = merge(program_raw(spec, c, f"{spec.name}-{c.name}"), {"adapter": str(export)})
+        program = parse_program(raw, where)
+        return Row(c.name, "generalist", base, program_params(program), [program])
     path = folder / c.job_file
     job = read_spec_mapping(path, "a job spec")
     for key, value in c.job.items():
@@ -185,9 +190,10 @@ def check_before_ray(spec: CompareSpec, rows: list[Row]) -> int:
         elif row.kind == "generalist":
             from onebase.train.heldout import check_held_out
 
-            job = parse_spec(row.job)
-            check_model_available(job.model.name, job.model.revision)
-            check_held_out(job)
+            if row.job is not None:
+                job = parse_spec(row.job)
+                check_model_available(job.model.name, job.model.revision)
+                check_held_out(job)
             sizes.add(len(prepare(row.programs[0]).queries))
     if len(sizes) > 1:
         raise SpecError(f"contenders are evaluated on different numbers of rows {sorted(sizes)}: check data:")

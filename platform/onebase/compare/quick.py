@@ -65,7 +65,7 @@ def cut_contender(c: dict[str, Any], bases: dict[str, Any]) -> None:
     if kind == "ape":
         program["search"] = {"candidates": 2, "dev_rows": 8, "top": 1, "variations": 0, "report_top": 1,
                              "max_new_tokens": 8}
-    if kind == "generalist":
+    if kind == "generalist" and c.get("export") is None:  # an export is already trained: nothing to cut
         base = bases.get(c.get("base"), {})
         job = c.setdefault("job", {})
         job.update({"model.name": base.get("name"), "model.init": "random",

@@ -12,7 +12,7 @@ from typing import Any
 from onebase.compare.run import ROW_TAG
 from onebase.tracking import mlflow_run
 
-PLOTS = ("kshot.png", "quality_vs_bytes.png", "quality_vs_cost.png")
+PLOTS = ("kshot.png", "quality_vs_bytes.png", "quality_vs_cost.png", "learning_curves.png")
 
 
 def rows_of(uri: str, parent: str) -> tuple[str, list[dict[str, Any]]]:
@@ -116,6 +116,34 @@ def scatter(rows: list[dict[str, Any]], metric: str, key: str, label: str, path:
     finish(fig, ax, metric, path, plt)
 
 
+def curves_plot(uri: str, rows: list[dict[str, Any]], path: Path, plt) -> None:
+    """Training loss against step for every draw of every tuned row (the best draw drawn thick): whether a
+    method had converged, or ran out of steps, is what decides a gap between two tuning methods."""
+    client = mlflow_run.client(uri)
+    tuned = [r for r in rows if r["status"] == "finished" and r.get("draw_run_ids")]
+    panels = max(1, len(tuned))
+    cols = min(3, panels)
+    lines = -(-panels // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4.2 * cols, 3.2 * lines), squeeze=False)
+    for ax, r in zip(axes.flat, tuned):
+        for run_id in r["draw_run_ids"]:
+            history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+            lr = client.get_run(run_id).data.params.get("train.learning_rate", "?")
+            best = run_id == r.get("best_run_id")
+            ax.plot([m.step for m in history], [m.value for m in history], lw=2 if best else 0.8,
+                    alpha=1 if best else 0.6, label=f"lr {float(lr):.2g}" + (" (best)" if best else ""))
+        ax.set_title(f"{r['name']}: {r['metric']:.3f}", fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("training loss", fontsize=7)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(tuned):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def build(uri: str, parent: str, out_dir: Path) -> dict[str, Any]:
     """Write report.md, report.json and the plots under out_dir and log them to the parent run."""
     import matplotlib
@@ -137,6 +165,7 @@ def build(uri: str, parent: str, out_dir: Path) -> dict[str, Any]:
     kshot_plot(rows, metric, out_dir / PLOTS[0], plt)
     scatter(rows, metric, "stored_bytes", "bytes stored per task (log)", out_dir / PLOTS[1], plt)
     scatter(rows, metric, "ms_per_query", "inference ms per query (log)", out_dir / PLOTS[2], plt)
+    curves_plot(uri, rows, out_dir / PLOTS[3], plt)
     for file in ("report.md", "report.json", *PLOTS):
         client.log_artifact(parent, str(out_dir / file), "report")
     return {"parent_run_id": parent, "report_dir": out_dir, "rows": rows, "metric": metric, "same_rows": check,

@@ -145,7 +145,7 @@ def close_pools(workers: dict) -> None:
 def run_programs(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
     """Every seed's program scored on the evaluation rows; each seed logged, the best registered."""
     from onebase.prompt.demos import build_program
-    from onebase.prompt.evaluate import evaluate_on, finalise, prepare, record
+    from onebase.prompt.evaluate import finalise, prepare, record
 
     scored = []
     for program_spec in row.programs:
@@ -153,7 +153,7 @@ def run_programs(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, w
         pool = pool_for(workers, program_spec)
         program = finalise(build_program(program_spec, prepared.dataset.train, prepared.dataset.labels,
                                          pool.fingerprint()), pool)
-        metrics, predictions = evaluate_on(pool, prepared, program)
+        metrics, predictions = evaluate_sharing(pool, prepared, program)
         scored.append((program_spec, prepared, program, metrics, predictions))
     metric = spec.metric_name()
     best = max(range(len(scored)), key=lambda i: scored[i][3][metric])
@@ -173,6 +173,39 @@ def run_programs(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, w
              "trainable_params": 0, "stored_bytes": dir_bytes(export_dir), "train_seconds": 0.0,
              "prompt_tokens_per_query": statistics.fmean(c["prompt_tokens_per_query"] for c in cost),
              "ms_per_query": statistics.fmean(c["ms_per_query"] for c in cost), "registered": registered}, ids)
+
+
+def twin_key(program, prepared) -> str | None:
+    """What decides a program's label probabilities before calibration: everything but its name and its
+    calibration. None where calibration cannot be applied afterwards (generation, reasoning, voting)."""
+    if not (program.is_classification and program.scoring == "loglik" and program.reasoning.mode == "direct"
+            and program.self_consistency.samples == 1):
+        return None
+    fields = program.model_dump(mode="json", exclude={"name", "calibration"})
+    return json.dumps([fields, row_ids(list(zip(prepared.queries, prepared.golds)))], sort_keys=True)
+
+
+def evaluate_sharing(pool, prepared, program) -> tuple[dict[str, float], list[dict]]:
+    """Score a program on the evaluation rows. A contextually calibrated program whose uncalibrated twin
+    (same prompt, same demos, same rows) was scored on this pool reuses the twin's label probabilities:
+    calibration only reweights them by p_cf (Zhao et al. 2021), so running the rows again would repeat
+    the very same forwards. Its cost per query is the twin's: serving it costs exactly that."""
+    from onebase.prompt.calibration import calibrate
+    from onebase.prompt.evaluate import evaluate_on, score
+
+    key = twin_key(program, prepared)
+    memo = pool.__dict__.setdefault("uncalibrated", {})  # lives and dies with the pool's model
+    if key is not None and program.calibration.mode == "contextual" and key in memo:
+        twin, seconds = memo[key]
+        labels = program.label_names
+        probs = calibrate([[p["probs"][label] for label in labels] for p in twin], program.calibration.p_cf)
+        predictions = [{**p, "probs": dict(zip(labels, q)), "answer": labels[max(range(len(q)), key=q.__getitem__)]}
+                       for p, q in zip(twin, probs)]
+        return score(prepared.spec, predictions, prepared.golds, prepared.dataset.labels, seconds), predictions
+    metrics, predictions = evaluate_on(pool, prepared, program)
+    if key is not None and program.calibration.mode == "none":
+        memo[key] = (predictions, metrics["ms_per_query"] * len(prepared.golds) / 1000)
+    return metrics, predictions
 
 
 def run_ape(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
@@ -225,7 +258,9 @@ def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, work
               "stored_bytes": best["adapter_mb"] * 2**20, "train_seconds": best["wall_s"],
               "best_learning_rate": float(mlflow_run.client(uri).get_run(best["run_id"]).data.params.get(
                   "train.learning_rate", "nan")),
-              "registered": next(iter(registered.values()), None)}
+              "registered": next(iter(registered.values()), None),
+              # for the learning curves (report.curves_plot): every draw's loss history, by MLflow run id
+              "best_run_id": best["run_id"], "draw_run_ids": [r["run_id"] for r in result["trials"]]}
     export = download_export(uri, best["run_id"], out / "best")
     model_path = check_model_available(first.model.name, first.model.revision)
     if classification:
@@ -265,6 +300,8 @@ def run_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path,
     from onebase.train.launch import run_job
 
     close_pools(workers)
+    if row.job is None:
+        return score_trained_generalist(spec, row, uri, child, out, workers)
     job = parse_spec({**row.job, "output": {"path": str(out)},
                       "tracking": {**row.job.get("tracking", {}), "experiment": spec.tracking.experiment,
                                    "uri": uri}})
@@ -283,7 +320,24 @@ def run_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path,
     weights = weights_bytes(Path(trained.export_dir))
     return ({**scored, "trainable_params": float(params.get("trainable_params", "nan")),
              "stored_bytes": weights + scored["stored_bytes"], "train_seconds": train_seconds,
-             "generalist_registered": trained.registered}, ids)
+             "generalist_registered": trained.registered, "generalist_export": str(trained.export_dir),
+             "best_run_id": trained.run_id,
+             "draw_run_ids": [trained.run_id]}, ids)
+
+
+def score_trained_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path,
+                             workers) -> tuple[dict, list[str]]:
+    """A generalist trained once elsewhere (`export:`): scored here; its training cost is the manifest's,
+    paid once for every task it is compared on, so train_seconds is left out (NaN) rather than guessed."""
+    from onebase.manifest import read_run_info
+    from onebase.sweep.run import weights_bytes
+
+    export = Path(row.programs[0].adapter)
+    info = read_run_info(export)
+    scored, ids = run_programs(spec, row, uri, child, out, workers)
+    return ({**scored, "trainable_params": float(info.trainable_params or math.nan),
+             "stored_bytes": weights_bytes(export) + scored["stored_bytes"], "train_seconds": math.nan,
+             "generalist_export": str(export)}, ids)
 
 
 RUNNERS = {"majority": run_majority, "program": run_programs, "icl": run_programs, "ape": run_ape,

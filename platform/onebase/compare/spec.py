@@ -95,12 +95,23 @@ class Train(Contender):
 
 
 class Generalist(Contender):
-    """An instruction-tuned generalist: a (mixture) job trained, then scored zero-shot by a program
-    that runs on the base + its export (`adapter:`)."""
+    """An instruction-tuned generalist, scored zero-shot by a program that runs on the base + its export
+    (`adapter:`): either trained here (`job_file`) or trained once elsewhere and reused (`export`), as a
+    FLAN-style generalist is meant to be, across every task compared."""
 
     kind: Literal["generalist"]
-    job_file: str = Field(description="a causal-lm job spec (relative to the compare spec)")
+    job_file: str | None = Field(None, description="a causal-lm job spec (relative to the compare spec)")
     job: dict[str, Any] = Field(default_factory=dict, description="dotted fields set on that job")
+    export: str | None = Field(None, description="a trained causal-lm export (relative to the compare spec)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Generalist:
+        if (self.job_file is None) == (self.export is None):
+            raise ValueError(f"contender {self.name}: give exactly one of job_file (train it here) or export "
+                             "(a trained export)")
+        if self.export is not None and self.job:
+            raise ValueError(f"contender {self.name}: job: sets fields of job_file; an export is already trained")
+        return self
 
 
 AnyContender = Annotated[Majority | ProgramRow | ICL | APE | Train | Generalist, Field(discriminator="kind")]
