@@ -498,6 +498,31 @@ def test_continuous_batching_lets_a_late_short_request_finish_first_with_the_sam
     assert not batcher.batches
 
 
+def test_streamed_logprobs_follow_the_text_sent_also_when_a_stop_sequence_holds_text_back(lora_engine):
+    """Each streamed piece carries the logprobs of the tokens that begin in it; text that may start a
+    stop sequence is held back, and so are its tokens' logprobs. Joined, pieces and logprobs are the
+    whole answer's: with a stop sequence, no logprobs for the tokens it cut off."""
+    engine, loaded, _ = lora_engine
+    text = engine.generate([Row(loaded[0], PROMPTS[0], max_tokens=16)])[0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    for stops in ((), (stop,)):
+        row = Row(loaded[0], PROMPTS[0], max_tokens=16, stop=stops, logprobs=2)
+        whole = engine.generate([row])[0]
+        pieces: list[tuple[str, list]] = []
+        seq = engine.batcher.submit(engine.sequence(row, on_text=lambda t, lps, pieces=pieces: pieces.append((t, lps))))
+        while not seq.done.is_set():
+            engine.batcher.step()
+        sent = 0
+        for piece, logprobs in pieces:
+            assert all(sent <= e["offset"] < sent + len(piece) for e in logprobs), (piece, logprobs)
+            sent += len(piece)
+        assert "".join(p for p, _ in pieces) == whole["text"] and len(pieces) >= 4
+        assert [e for _, lps in pieces for e in lps] == whole["logprobs"]
+        assert all(len(e["top"]) == 2 for e in whole["logprobs"])
+    assert whole["finish_reason"] == "stop" and whole["text"] == text[:text.index(stop)]
+    assert len(whole["logprobs"]) < 16  # the stop sequence's tokens (and what followed) have none
+
+
 @pytest.mark.slow
 def test_openai_sampling_fields_through_the_official_client(server):
     from openai import BadRequestError, OpenAI
@@ -559,6 +584,85 @@ def test_openai_sampling_fields_through_the_official_client(server):
     with pytest.raises(BadRequestError, match="top_logprobs: give 0 to 20"):
         client.chat.completions.create(model="chat-lora", messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=2, logprobs=True, top_logprobs=21)
+
+
+def completion_stream_logprobs(chunks) -> dict[int, dict]:
+    """Per sample: the streamed text and its tokens' (token, logprob, top, offset), checking on the way
+    that every chunk's tokens begin within that chunk's text."""
+    samples: dict[int, dict] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            got = samples.setdefault(choice.index, {"text": "", "entries": [], "chunks": 0})
+            if choice.logprobs and choice.logprobs.tokens:
+                lp, start = choice.logprobs, len(got["text"])
+                assert all(start <= at < start + len(choice.text) for at in lp.text_offset) or not choice.text
+                got["entries"] += zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset)
+                got["chunks"] += 1
+            got["text"] += choice.text
+    return samples
+
+
+def chat_stream_logprobs(chunks) -> dict[int, dict]:
+    samples: dict[int, dict] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            got = samples.setdefault(choice.index, {"text": "", "entries": [], "chunks": 0})
+            if choice.logprobs and choice.logprobs.content:
+                got["entries"] += choice.logprobs.content
+                got["chunks"] += 1
+            got["text"] += choice.delta.content or ""
+    return samples
+
+
+def close(a: float, b: float) -> bool:
+    # Streamed and whole requests may share a batch with different rows: float summation order only.
+    return abs(a - b) < 1e-4
+
+
+@pytest.mark.slow
+def test_streamed_logprobs_add_up_to_the_whole_answers_through_the_official_client(server):
+    """logprobs on streamed completions and chats: each chunk carries its tokens' logprobs (OpenAI's
+    shapes), and per sample (n = 2, told apart by index) they are the unstreamed greedy answer's, also
+    when a stop sequence cuts the text (no logprobs for the cut tokens)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server['url']}/v1", api_key="test-key", max_retries=0)
+    body = {"model": "chat-lora", "prompt": "Hello there", "max_tokens": 12, "temperature": 0, "n": 2,
+            "logprobs": 3}
+    text = client.completions.create(**body).choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    for extra in ({}, {"stop": [stop]}):
+        whole = client.completions.create(**body, **extra)
+        streamed = completion_stream_logprobs(client.completions.create(**body, **extra, stream=True))
+        assert sorted(streamed) == [0, 1]
+        for choice in whole.choices:
+            got, lp = streamed[choice.index], choice.logprobs
+            assert got["text"] == choice.text and got["chunks"] >= 2
+            tokens, values, tops, offsets = (list(column) for column in zip(*got["entries"]))
+            assert tokens == lp.tokens and offsets == lp.text_offset
+            assert all(close(a, b) for a, b in zip(values, lp.token_logprobs, strict=True))
+            assert [list(t) for t in tops] == [list(t) for t in lp.top_logprobs]  # same top tokens, same order
+            assert all(close(t[k], w[k]) for t, w in zip(tops, lp.top_logprobs) for k in t)
+    assert choice.finish_reason == "stop" and choice.text == text[:text.index(stop)]
+    assert len(lp.tokens) < 12  # the stop sequence's tokens have no logprobs, streamed or not
+
+    chat_body = {"model": "chat-lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+                 "temperature": 0, "n": 2, "logprobs": True, "top_logprobs": 2}
+    content = client.chat.completions.create(**chat_body).choices[0].message.content
+    stop = content[len(content) // 2:len(content) // 2 + 2]
+    for extra in ({}, {"stop": stop}):
+        whole = client.chat.completions.create(**chat_body, **extra)
+        streamed = chat_stream_logprobs(client.chat.completions.create(**chat_body, **extra, stream=True))
+        for choice in whole.choices:
+            got, expected = streamed[choice.index], choice.logprobs.content
+            assert got["text"] == choice.message.content and got["chunks"] >= 2
+            assert [(t.token, t.bytes) for t in got["entries"]] == [(t.token, t.bytes) for t in expected]
+            assert all(close(a.logprob, b.logprob) for a, b in zip(got["entries"], expected))
+            assert all([x.token for x in a.top_logprobs] == [x.token for x in b.top_logprobs] and
+                       all(close(x.logprob, y.logprob) for x, y in zip(a.top_logprobs, b.top_logprobs))
+                       for a, b in zip(got["entries"], expected))
+            assert all(len(t.top_logprobs) == 2 for t in got["entries"])
+    assert choice.finish_reason == "stop" and choice.message.content == content[:content.index(stop)]
 
 
 @pytest.mark.slow
@@ -811,15 +915,17 @@ def test_streamed_pieces_that_pile_up_while_the_reader_is_busy_go_out_together(b
 
     engine = BaseEngine(str(bases["llama"]))
     scheduler = Scheduler(engine, max_rows=4, max_queue=4, wait_s=0)
-    expected = engine.generate([Row(None, PROMPTS[0], max_tokens=24)])[0]
+    expected = engine.generate([Row(None, PROMPTS[0], max_tokens=24, logprobs=1)])[0]
 
     async def read_slowly() -> list:
         items = []
-        async for _, item in scheduler.generate([engine.sequence(Row(None, PROMPTS[0], max_tokens=24))]):
+        async for _, item in scheduler.generate([engine.sequence(Row(None, PROMPTS[0], max_tokens=24, logprobs=1))]):
             items.append(item)
             await asyncio.sleep(0.3)  # a busy loop: the decoding thread runs ahead meanwhile
         return items
 
     *pieces, final = asyncio.run(read_slowly())
     assert final["text"] == expected["text"] and final["completion_tokens"] == 24
-    assert "".join(pieces) == final["text"] and 1 <= len(pieces) <= 12  # two or more tokens per event
+    assert "".join(p.text for p in pieces) == final["text"] and 1 <= len(pieces) <= 12  # two or more tokens per event
+    assert [e for p in pieces for e in p.logprobs] == final["logprobs"]  # their logprobs joined too
+    assert len(final["logprobs"]) == 24

@@ -10,6 +10,11 @@ their adapters; every other adapter has its own). One `step()`:
 So a request arriving mid-generation starts at the next step instead of waiting for the batch to
 end, and a long request never holds the model between steps.
 
+Streamed sequences hand out text as it becomes safe to show (not a half-decoded character, not the
+start of a stop sequence) together with the logprobs of exactly the tokens that text begins: a
+token's entry goes out once the text shown reaches its start offset, so the logprobs streamed add
+up to the whole answer's (`_logprobs_within`), stop sequence cut off the same way.
+
 Prompt-learning adapters (prefix, prompt tuning, P-tuning) rebuild their virtual tokens in every
 PEFT forward, which cannot continue from a cache: their rows run one at a time without a cache
 (each step recomputes the sequence). Slower, same outputs.
@@ -50,13 +55,15 @@ class Sequence:
     runner: Any  # engine.Runner
     prompt: list[int]
     sampling: Sampling
-    on_text: Callable[[str], None] | None = None  # streamed text pieces, called from the decoding thread
+    # Streamed pieces: (text, logprobs of the tokens it begins; None unless asked), from the decoding thread.
+    on_text: Callable[[str, list[dict[str, Any]] | None], None] | None = None
     on_done: Callable[[], None] | None = None  # called from the decoding thread once finished
     error: str | None = None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     text: str = ""
-    emitted: int = 0
+    emitted: int = 0  # characters of `text` handed to on_text
+    sent: int = 0  # logprob entries handed to on_text
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
@@ -148,7 +155,8 @@ class Decoder:
             else:
                 token = int(torch.multinomial(_nucleus(row / s.temperature, s.top_p), 1, generator=seq.generator))
             if s.logprobs is not None and token not in self.eos:
-                seq.logprobs.append(self._logprob(row, token, s.logprobs))
+                # The token starts where the text so far ends (a half-decoded character is not text yet).
+                seq.logprobs.append(self._logprob(row, token, s.logprobs, len(seq.text.rstrip("\ufffd"))))
             self.advance(seq, token)
 
     def advance(self, seq: Sequence, token: int) -> None:
@@ -173,7 +181,7 @@ class Decoder:
             self.finished[reason] = self.finished.get(reason, 0) + 1
             if seq.sampling.logprobs is not None and reason == "stop" and seq.sampling.stop:
                 seq.logprobs = _logprobs_within(seq.logprobs, len(seq.text))
-            self._emit(seq, seq.text)
+            self._emit(seq, seq.text, final=True)
             seq.done.set()
             if seq.on_done is not None:
                 seq.on_done()
@@ -189,14 +197,24 @@ class Decoder:
             seq.error = message
             self.finish(seq, "error")
 
-    def _emit(self, seq: Sequence, visible: str) -> None:
-        if seq.on_text is not None and len(visible) > seq.emitted:
-            piece, seq.emitted = visible[seq.emitted:], len(visible)
-            seq.on_text(piece)
+    def _emit(self, seq: Sequence, visible: str, final: bool = False) -> None:
+        """Hand the new part of `visible` to on_text with the logprobs of the tokens it begins
+        (`final`: the rest of the answer's logprobs, even with no new text)."""
+        if seq.on_text is None:
+            return
+        piece = visible[seq.emitted:]
+        seq.emitted = max(seq.emitted, len(visible))
+        logprobs = None
+        if seq.sampling.logprobs is not None:
+            upto = len(seq.logprobs) if final else len(_logprobs_within(seq.logprobs, len(visible)))
+            logprobs, seq.sent = seq.logprobs[seq.sent:upto], max(seq.sent, upto)
+        if piece or logprobs:
+            seq.on_text(piece, logprobs)
 
-    def _logprob(self, row: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+    def _logprob(self, row: torch.Tensor, token: int, top: int, offset: int) -> dict[str, Any]:
         logprobs = row.log_softmax(-1)
-        entry = {"token": self.tokenizer.decode([token]), "logprob": float(logprobs[token]), "top": []}
+        entry = {"token": self.tokenizer.decode([token]), "logprob": float(logprobs[token]), "top": [],
+                 "offset": offset}
         if top:
             values, ids = logprobs.topk(top)
             entry["top"] = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
@@ -334,14 +352,12 @@ def _held_back(text: str, stops: tuple[str, ...]) -> str:
 
 
 def _logprobs_within(entries: list[dict[str, Any]], length: int) -> list[dict[str, Any]]:
-    """The logprobs of the tokens that make up the returned text (a stop sequence is cut off)."""
-    kept, used = [], 0
-    for entry in entries:
-        if used >= length:
-            break
-        kept.append(entry)
-        used += len(entry["token"])
-    return kept
+    """The logprobs of the tokens that begin within the first `length` characters of the text (the
+    returned text when a stop sequence was cut off, or the part of it streamed so far)."""
+    kept = 0
+    while kept < len(entries) and entries[kept]["offset"] < length:
+        kept += 1
+    return entries[:kept]
 
 
 def _eos_ids(engine) -> set[int]:

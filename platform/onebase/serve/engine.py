@@ -262,7 +262,7 @@ class BaseEngine:
     def stream(self, row: Row) -> Iterator[str]:
         """Text pieces as they are generated, stepping the batcher between them (callers that own the model)."""
         pieces: list[str] = []
-        seq = self.batcher.submit(self.sequence(row, on_text=pieces.append))
+        seq = self.batcher.submit(self.sequence(row, on_text=lambda text, _logprobs: pieces.append(text)))
         while not seq.done.is_set():
             self.batcher.step()
             yield from pieces

@@ -285,8 +285,6 @@ class Gateway:
             raise HTTPException(400, f"stop: up to {STOP_LIMIT} sequences of 1 to {STOP_CHARS} characters")
         if logprobs is not None and logprobs > TOP_LOGPROBS:
             raise HTTPException(400, f"top_logprobs: give 0 to {TOP_LOGPROBS}")
-        if logprobs is not None and body.stream:
-            raise HTTPException(400, "logprobs: not returned on streamed requests; ask without stream")
         return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "n": body.n,
                 "stop": stop, "seed": body.seed, "logprobs": logprobs}
 
@@ -309,7 +307,7 @@ class Gateway:
             item = first
             while True:
                 if "text" in item:
-                    yield chunks.piece(item["text"], index=item["index"])
+                    yield chunks.piece(item["text"], index=item["index"], logprobs=item.get("logprobs"))
                 elif "final" in item:
                     final = item["final"]
                     if "error" in final:  # the text so far went out; end the stream with the error

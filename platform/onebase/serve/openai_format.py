@@ -17,12 +17,9 @@ def usage(results: list[dict[str, Any]]) -> dict[str, int]:
 def completion_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     if entries is None:
         return None
-    offsets, at = [], 0
-    for entry in entries:
-        offsets.append(at)
-        at += len(entry["token"])
+    # text_offset: where each token starts in the completion's text (streamed chunks too: not per chunk).
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": offsets}
+            "top_logprobs": [dict(e["top"]) for e in entries], "text_offset": [e["offset"] for e in entries]}
 
 
 def chat_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -60,11 +57,15 @@ class Chunks:
     def role(self, index: int = 0) -> str:
         return self.event([{"index": index, "delta": {"role": "assistant"}, "finish_reason": None}])
 
-    def piece(self, text: str | None, finish: str | None = None, index: int = 0) -> str:
+    def piece(self, text: str | None, finish: str | None = None, index: int = 0,
+              logprobs: list[dict[str, Any]] | None = None) -> str:
+        """A piece of sample `index`'s text with the logprobs of the tokens it begins (None: not asked)."""
         if self.chat:
             delta = {"content": text} if text is not None else {}
-            return self.event([{"index": index, "delta": delta, "finish_reason": finish}])
-        return self.event([{"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}])
+            return self.event([{"index": index, "delta": delta, "finish_reason": finish,
+                                "logprobs": chat_logprobs(logprobs)}])
+        return self.event([{"index": index, "text": text or "", "finish_reason": finish,
+                            "logprobs": completion_logprobs(logprobs)}])
 
     def usage(self, results: list[dict[str, Any]]) -> str:
         """The n samples of one prompt: its prompt tokens counted once."""

@@ -199,8 +199,9 @@ class BaseServer:
 
     async def complete_stream(self, prompt: str | None, messages: list[dict[str, str]] | None,
                               settings: dict[str, Any]):
-        """Yields {"index": i, "text": piece} as sample i produces text and {"index": i, "final": result}
-        once it is done (n samples interleaved); a first item {"error": ...} when it cannot run."""
+        """Yields {"index": i, "text": piece, "logprobs": its tokens' logprobs or None} as sample i produces
+        text and {"index": i, "final": result} once it is done (n samples interleaved); a first item
+        {"error": ...} when it cannot run."""
         try:
             async with self._leased() as loaded:
                 if programs.is_program(loaded):  # a program answers whole: one piece, then the result
@@ -210,7 +211,8 @@ class BaseServer:
                     return
                 seqs = self._sequences(loaded, prompt, messages, settings)
                 async for index, item in self.scheduler.generate(seqs):
-                    yield {"index": index, "final": item} if isinstance(item, dict) else {"index": index, "text": item}
+                    yield {"index": index, "final": item} if isinstance(item, dict) else \
+                        {"index": index, "text": item.text, "logprobs": item.logprobs}
         except AdapterError as err:
             yield _refusal(err)
 

@@ -15,9 +15,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from onebase.serve.artifacts import AdapterError
+
+
+@dataclass
+class Piece:
+    """Streamed text of one sequence and the logprobs of the tokens it begins (None: not asked)."""
+
+    text: str
+    logprobs: list[dict[str, Any]] | None = None
+
+    def __add__(self, other: Piece) -> Piece:
+        logprobs = None if self.logprobs is None else self.logprobs + (other.logprobs or [])
+        return Piece(self.text + other.text, logprobs)
 
 
 class QueueFull(AdapterError):
@@ -57,16 +70,18 @@ class Scheduler:
             self.wake.notify()
         return await future
 
-    async def generate(self, seqs: list, stream: bool = True) -> AsyncIterator[tuple[int, str | dict[str, Any]]]:
-        """(index, text piece) as the sequences produce text (`stream`), then (index, result) once each
-        is done. Pieces that piled up meanwhile come as one: under load, one event per several tokens
-        rather than one per token through the replica's loop, the gateway and the HTTP proxy."""
+    async def generate(self, seqs: list, stream: bool = True) -> AsyncIterator[tuple[int, Piece | dict[str, Any]]]:
+        """(index, Piece) as the sequences produce text (`stream`), then (index, result) once each
+        is done. Pieces that piled up meanwhile come as one (their logprobs joined): under load, one
+        event per several tokens rather than one per token through the replica's loop, the gateway
+        and the HTTP proxy."""
         self._admit(len(seqs))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for i, seq in enumerate(seqs):
             if stream:  # a whole-answer request needs no per-token hop into the event loop
-                seq.on_text = lambda piece, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, piece))
+                seq.on_text = lambda text, logprobs, i=i: loop.call_soon_threadsafe(
+                    events.put_nowait, (i, Piece(text, logprobs)))
             seq.on_done = lambda seq=seq, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, seq.result()))
         with self.wake:
             for seq in seqs:
@@ -146,10 +161,10 @@ def _drain(events: asyncio.Queue) -> list:
 
 
 def _coalesced(items: list) -> list:
-    """Consecutive text pieces of one sequence joined (results and other sequences' pieces kept in order)."""
+    """Consecutive pieces of one sequence joined (results and other sequences' pieces kept in order)."""
     out: list = []
     for index, item in items:
-        if isinstance(item, str) and out and out[-1][0] == index and isinstance(out[-1][1], str):
+        if isinstance(item, Piece) and out and out[-1][0] == index and isinstance(out[-1][1], Piece):
             out[-1] = (index, out[-1][1] + item)
         else:
             out.append((index, item))
