@@ -12,7 +12,7 @@ end, and a long request never holds the model between steps.
 
 Streamed sequences hand out text as it becomes safe to show (not a half-decoded character, not the
 start of a stop sequence) together with the logprobs of exactly the tokens that text begins: a
-token's entry goes out once the text shown reaches its start offset, so the logprobs streamed add
+token's entry goes out once the text shown goes past its start offset, so the logprobs streamed add
 up to the whole answer's (`_logprobs_within`), stop sequence cut off the same way.
 
 Prompt-learning adapters (prefix, prompt tuning, P-tuning) rebuild their virtual tokens in every
@@ -206,7 +206,7 @@ class Decoder:
         seq.emitted = max(seq.emitted, len(visible))
         logprobs = None
         if seq.sampling.logprobs is not None:
-            upto = len(seq.logprobs) if final else len(_logprobs_within(seq.logprobs, len(visible)))
+            upto = len(seq.logprobs) if final else _begun(seq.logprobs, len(visible), seq.sent)
             logprobs, seq.sent = seq.logprobs[seq.sent:upto], max(seq.sent, upto)
         if piece or logprobs:
             seq.on_text(piece, logprobs)
@@ -353,11 +353,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> str:
 
 def _logprobs_within(entries: list[dict[str, Any]], length: int) -> list[dict[str, Any]]:
     """The logprobs of the tokens that begin within the first `length` characters of the text (the
-    returned text when a stop sequence was cut off, or the part of it streamed so far)."""
-    kept = 0
-    while kept < len(entries) and entries[kept]["offset"] < length:
-        kept += 1
-    return entries[:kept]
+    returned text when a stop sequence was cut off)."""
+    return entries[:_begun(entries, length)]
+
+
+def _begun(entries: list[dict[str, Any]], length: int, start: int = 0) -> int:
+    """How many entries (counting on from `start`, all begun) begin within the first `length` characters."""
+    while start < len(entries) and entries[start]["offset"] < length:
+        start += 1
+    return start
 
 
 def _eos_ids(engine) -> set[int]:
