@@ -138,6 +138,20 @@ def test_bad_spec_refused_before_contacting_the_cluster(workspace, dead_address,
     assert expected in line and dead_address not in line
 
 
+@pytest.mark.parametrize("address, expected", [
+    ("DEAD", "no Ray cluster answers at 127.0.0.1:"),  # refused at once: Ray alone retries for ~14 min
+    ("http://127.0.0.1:8265", "not a Ray address"),  # the dashboard URL `submit` takes is not a GCS address
+    ("nonsense", "expected host:port"),
+])
+def test_validate_with_an_address_no_ray_answers_at_is_one_line(workspace, address, expected):
+    address = address.replace("DEAD", f"127.0.0.1:{free_port()}")
+    spec = write_spec(workspace / "validate-reach.yaml", small_job("validate-reach"))
+    started = time.monotonic()
+    line = one_error(onebase_cli("validate", str(spec), "--address", address, cwd=workspace, timeout=120))
+    assert time.monotonic() - started < 60
+    assert f"--address {address}: {expected}" in line
+
+
 def test_bad_data_and_sweep_refused_locally(workspace, dead_address):
     csv = workspace / "reviews.csv"
     csv.write_text("review,stars\ngreat,pos\nbad,neg\nmeh,pos\nok,neg\n")
@@ -324,6 +338,27 @@ def test_the_local_stack_starts_two_ray_nodes_and_mlflow(local_stack):
     assert f"jobs/dashboard: {address}" in local_stack.started.stdout and mlflow_uri in local_stack.started.stdout
     status = stack.status(local_stack.state_dir)
     assert status["running"] and status["ray_nodes"] == 2 and status["mlflow_ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, resource", [("scaling.num_workers=5", "CPU=4"), ("scaling.use_gpu=true", "GPU=0")])
+def test_validate_refuses_workers_the_running_cluster_cannot_hold(local_stack, override, resource):
+    """Two nodes of 2 CPUs, no GPU: 5 one-CPU workers, or any GPU worker, would make Ray wait forever."""
+    spec = write_spec(local_stack.workspace / "validate-big.yaml", small_job("validate-big"))
+    line = one_error(onebase_cli("validate", str(spec), "--set", override, "--address", local_stack.info["ray_address"],
+                                 cwd=local_stack.workspace, env=ENV, timeout=120))
+    assert line.startswith("onebase: error: scaling: ") and "do not fit the cluster" in line
+    assert resource in line and "over 2 node(s)" in line
+
+
+@pytest.mark.slow
+def test_validate_accepts_workers_the_running_cluster_can_hold(local_stack):
+    spec = write_spec(local_stack.workspace / "validate-fit.yaml", small_job("validate-fit"))
+    address = local_stack.info["ray_address"]
+    result = onebase_cli("validate", str(spec), "--set", "scaling.num_workers=4", "--address", address,
+                         cwd=local_stack.workspace, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 worker(s)" in result.stdout and f"fits {address}" in result.stdout
 
 
 @pytest.mark.slow

@@ -149,14 +149,15 @@ def check_fits_cluster(spec: JobSpec, address: str) -> None:
     import ray
 
     from onebase.errors import ClusterError
-    from onebase.runtime import check_resources
+    from onebase.runtime import check_ray_address, check_resources
 
     if address == "local":
         raise SpecError("--address: give a running cluster's address (validate never starts Ray)")
+    check_ray_address(address)  # a dead address: one line now, not Ray's retries for minutes
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({err})") from None
+        raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({error_line(err)})") from None
     try:
         check_resources(spec)
     finally:
