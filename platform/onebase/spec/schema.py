@@ -129,12 +129,27 @@ class ScalingSpec(Strict):
         return resources
 
 
+OffloadDevice = Literal["cpu", "nvme"]
+
+
 class DeepSpeedSpec(Strict):
     stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    offload_optimizer: OffloadDevice | None = Field(None, description="true or cpu: CPU memory; nvme: files "
+                                                    "under nvme_path (ZeRO-3, DeepSpeed's async_io op); false: none")
+    offload_param: OffloadDevice | None = Field(None, description="as offload_optimizer; needs stage 3")
+    nvme_path: str | None = Field(None, description="an existing writable folder on a fast local disk, for nvme")
     gradient_accumulation_steps: int = Field(1, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @field_validator("offload_optimizer", "offload_param", mode="before")
+    @classmethod
+    def _true_is_cpu(cls, value: Any) -> Any:
+        """`true` (what specs said before nvme existed) offloads to CPU memory, `false` nowhere."""
+        if isinstance(value, bool):
+            return "cpu" if value else None
+        if value is not None and value not in ("cpu", "nvme"):
+            raise ValueError(f"{value!r}: use cpu, nvme, true (cpu) or false")
+        return value
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedSpec:
@@ -142,6 +157,15 @@ class DeepSpeedSpec(Strict):
             raise ValueError("offload_param needs stage 3")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("offload_optimizer needs stage 1, 2 or 3")
+        on_nvme = [f for f in ("offload_optimizer", "offload_param") if getattr(self, f) == "nvme"]
+        if on_nvme and self.stage != 3:  # only ZeRO-3 has DeepSpeed's NVMe swappers
+            raise ValueError(f"{on_nvme[0]}: nvme needs stage 3")
+        if on_nvme and not self.nvme_path:
+            raise ValueError(f"{on_nvme[0]}: nvme needs nvme_path (a folder on a fast local disk)")
+        if self.nvme_path and not on_nvme:
+            raise ValueError("nvme_path is used only with offload_optimizer: nvme or offload_param: nvme")
+        if self.nvme_path and not self.nvme_path.startswith("/"):  # workers on other nodes resolve it too
+            raise ValueError(f"nvme_path: {self.nvme_path} is not an absolute path")
         return self
 
 

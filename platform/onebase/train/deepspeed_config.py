@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,12 @@ def resolve_precision(requested: str, on_gpu: bool) -> str:
 def deepspeed_config(spec: JobSpec, precision: str) -> dict[str, Any]:
     ds = spec.deepspeed
     zero: dict[str, Any] = {"stage": ds.stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
-    if ds.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.use_gpu}
+    for field in ("offload_optimizer", "offload_param"):
+        device = getattr(ds, field)
+        if device:
+            zero[field] = {"device": device, "pin_memory": spec.scaling.use_gpu}
+        if device == "nvme":  # a folder per job: DeepSpeed's swap files are named by rank only
+            zero[field]["nvme_path"] = str(Path(ds.nvme_path or "/") / spec.name)
     if ds.stage == 3:
         # ZeRO-3 allocates its gradient bucket up front at reduce_bucket_size elements (default 5e8: 2 GB in
         # fp32), more than a small model's gradients: per-worker memory then grew instead of shrinking.

@@ -47,5 +47,25 @@ def build_ops() -> str:
     return os.environ["TORCH_EXTENSIONS_DIR"]
 
 
+def async_io_missing() -> str | None:
+    """Why DeepSpeed's async_io op (what NVMe offload reads and writes with) cannot build on this
+    machine, or None when it can. It links libaio: without its headers and library, DeepSpeed fails
+    only inside the workers, after Ray and the model have started."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+        if builder is None:
+            return f"the {get_accelerator().device_name()} accelerator has no async_io op"
+        if not builder.has_function("io_submit", ("aio",)):
+            return "libaio not found (its headers and library: the libaio-dev package, or CFLAGS/LDFLAGS to them)"
+        if not builder.is_compatible(verbose=False):
+            return "DeepSpeed reports it incompatible with this torch or compiler"
+    return None
+
+
 if __name__ == "__main__":
     print(f"deepspeed ops ready in {build_ops()}")

@@ -41,6 +41,7 @@ def preflight(spec: JobSpec, tracking_uri: str) -> Checked:
     check_held_out(spec)  # evaluation.held_out: each task a valid zero-shot program whose rows load
     check_tracking_uri(tracking_uri)
     check_output_writable(spec.output.path)
+    check_nvme_offload(spec)
     return Checked(model_path=model_path, dataset=dataset)
 
 
@@ -110,6 +111,22 @@ def check_reachable(uri: str) -> None:
 def check_output_writable(path: str) -> None:
     folder = Path(path).expanduser()
     check_writable(folder if folder.is_dir() else nearest_existing(folder), "output.path")
+
+
+def check_nvme_offload(spec: JobSpec) -> None:
+    """NVMe offload needs a folder to swap into and DeepSpeed's async_io op (libaio) on this machine;
+    without them DeepSpeed fails inside every worker, after Ray and the model have started."""
+    ds = spec.deepspeed
+    on_nvme = [field for field in ("offload_optimizer", "offload_param") if getattr(ds, field) == "nvme"]
+    if not on_nvme:
+        return
+    check_writable(Path(ds.nvme_path or "/"), "deepspeed.nvme_path")  # the schema made sure it is given
+    from onebase.train.ds_ops import async_io_missing
+
+    missing = async_io_missing()
+    if missing:
+        raise SpecError(f"deepspeed.{on_nvme[0]}: nvme needs DeepSpeed's async_io op, which cannot build here: "
+                        f"{missing}; offload to cpu instead")
 
 
 def nearest_existing(path: Path) -> Path:
