@@ -197,24 +197,28 @@ def tiny_pretrained(workspace):
 def test_zero3_partitioned_loading_with_offload_matches_zero0(ray_cluster, workspace, tiny_pretrained):
     """ZeRO-3 builds the model inside deepspeed.zero.Init (each of 2 workers holds half of it), with
     parameters and optimizer offloaded to CPU, and trains to the export ZeRO-0 gets from the same
-    weights and seed."""
+    weights and seed; so does ZeRO-2 with its optimizer states offloaded to CPU."""
     runs = {}
-    for stage, offload in ((0, False), (3, True)):
+    for stage, offload in ((0, False), (3, True), (2, True)):
         spec = tiny_spec(f"tiny-load-z{stage}", train={"max_steps": 4, "log_every_steps": 1},
-                         deepspeed={"stage": stage, "offload_param": offload, "offload_optimizer": offload})
+                         deepspeed={"stage": stage, "offload_param": offload and stage == 3,
+                                    "offload_optimizer": offload})
         spec["model"] = {"name": str(tiny_pretrained), "init": "pretrained"}
         runs[stage] = train(spec)
     client = MlflowClient()
     params = {s: client.get_run(r.run_id).data.params for s, r in runs.items()}
     assert params[3]["partitioned_loading"] == "True" and params[0]["partitioned_loading"] == "False"
+    assert params[2]["deepspeed.offload_optimizer"] == params[3]["deepspeed.offload_param"] == "cpu"
     held = {s: client.get_metric_history(r.run_id, "loaded_param_mb_per_worker")[0].value for s, r in runs.items()}
     assert held[3] < 0.6 * held[0]  # each of the 2 workers loaded about half
     losses = {s: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
               for s, r in runs.items()}
     assert losses[3] == pytest.approx(losses[0], abs=1e-5)  # the first step's loss included
+    assert losses[2] == pytest.approx(losses[0], abs=1e-5)
     assert runs[3].info["base_fingerprint"] == runs[0].info["base_fingerprint"]
     exported = {s: load_file(r.export_dir / "model.safetensors") for s, r in runs.items()}
     assert exported[3].keys() == exported[0].keys()
-    assert max(float((exported[3][k] - exported[0][k]).abs().max()) for k in exported[0]) < 1e-5
+    for offloaded in (3, 2):
+        assert max(float((exported[offloaded][k] - exported[0][k]).abs().max()) for k in exported[0]) < 1e-5
     assert any(float((exported[0][k] - t).abs().max()) > 1e-4 for k, t in load_file(
         tiny_pretrained / "model.safetensors").items() if k in exported[0])  # it did train
