@@ -152,6 +152,15 @@ def test_validate_with_an_address_no_ray_answers_at_is_one_line(workspace, addre
     assert f"--address {address}: {expected}" in line
 
 
+def test_run_with_an_address_no_ray_answers_at_is_one_line(workspace):
+    address = f"127.0.0.1:{free_port()}"
+    spec = write_spec(workspace / "run-reach.yaml", small_job("run-reach"))
+    started = time.monotonic()
+    line = one_error(onebase_cli("run", str(spec), "--address", address, cwd=workspace, timeout=120))
+    assert time.monotonic() - started < 60
+    assert f"--address {address}: no Ray cluster answers at {address} (Connection refused)" in line
+
+
 def test_bad_data_and_sweep_refused_locally(workspace, dead_address):
     csv = workspace / "reviews.csv"
     csv.write_text("review,stars\ngreat,pos\nbad,neg\nmeh,pos\nok,neg\n")
