@@ -295,13 +295,29 @@ def score_export(spec: CompareSpec, row: Row, uri: str, child: str, export: Path
 # --- the instruction-tuned generalist -------------------------------------------------------------
 
 def run_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
-    from onebase.spec.load import parse_spec
+    """Train the generalist's job (`job_file`) or take its export (`export:`), then score the export
+    zero-shot. An export trained elsewhere was paid for once for every task it is compared on, so its
+    train_seconds is left out (NaN) rather than guessed."""
+    from onebase.manifest import read_run_info
     from onebase.sweep.run import weights_bytes
-    from onebase.train.launch import run_job
 
     close_pools(workers)
-    if row.job is None:
-        return score_trained_generalist(spec, row, uri, child, out, workers)
+    program, record = row.programs[0], {"train_seconds": math.nan}
+    if row.job is not None:
+        program, record = train_generalist(spec, row, uri, child, out)
+    export = Path(program.adapter)
+    scored, ids = run_programs(spec, Row(row.name, "program", row.base, programs=[program]), uri, child, out,
+                               workers)
+    return ({**scored, **record, "trainable_params": float(read_run_info(export).trainable_params or math.nan),
+             "stored_bytes": weights_bytes(export) + scored["stored_bytes"], "generalist_export": str(export)}, ids)
+
+
+def train_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path) -> tuple[Any, dict[str, Any]]:
+    """Run the generalist's job; its program now names the export (`adapter:`)."""
+    from onebase.prompt.spec import parse_program_spec
+    from onebase.spec.load import parse_spec
+    from onebase.train.launch import run_job
+
     job = parse_spec({**row.job, "output": {"path": str(out)},
                       "tracking": {**row.job.get("tracking", {}), "experiment": spec.tracking.experiment,
                                    "uri": uri}})
@@ -311,33 +327,9 @@ def run_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path,
     train_seconds = time.monotonic() - began
     adopt(uri, trained.run_id, child)
     program = row.programs[0].model_copy(update={"adapter": str(trained.export_dir)})
-    from onebase.prompt.spec import parse_program_spec
-
     program = parse_program_spec(program.model_dump(mode="json"), source=f"contender {row.name}")
-    scored, ids = run_programs(spec, Row(row.name, "program", row.base, programs=[program]), uri, child, out,
-                               workers)
-    params = mlflow_run.client(uri).get_run(trained.run_id).data.params
-    weights = weights_bytes(Path(trained.export_dir))
-    return ({**scored, "trainable_params": float(params.get("trainable_params", "nan")),
-             "stored_bytes": weights + scored["stored_bytes"], "train_seconds": train_seconds,
-             "generalist_registered": trained.registered, "generalist_export": str(trained.export_dir),
-             "best_run_id": trained.run_id,
-             "draw_run_ids": [trained.run_id]}, ids)
-
-
-def score_trained_generalist(spec: CompareSpec, row: Row, uri: str, child: str, out: Path,
-                             workers) -> tuple[dict, list[str]]:
-    """A generalist trained once elsewhere (`export:`): scored here; its training cost is the manifest's,
-    paid once for every task it is compared on, so train_seconds is left out (NaN) rather than guessed."""
-    from onebase.manifest import read_run_info
-    from onebase.sweep.run import weights_bytes
-
-    export = Path(row.programs[0].adapter)
-    info = read_run_info(export)
-    scored, ids = run_programs(spec, row, uri, child, out, workers)
-    return ({**scored, "trainable_params": float(info.trainable_params or math.nan),
-             "stored_bytes": weights_bytes(export) + scored["stored_bytes"], "train_seconds": math.nan,
-             "generalist_export": str(export)}, ids)
+    return program, {"train_seconds": train_seconds, "generalist_registered": trained.registered,
+                     "best_run_id": trained.run_id, "draw_run_ids": [trained.run_id]}
 
 
 RUNNERS = {"majority": run_majority, "program": run_programs, "icl": run_programs, "ape": run_ape,
