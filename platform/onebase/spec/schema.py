@@ -151,13 +151,18 @@ class DeepSpeedSpec(Strict):
             raise ValueError(f"{value!r}: use cpu, nvme, true (cpu) or false")
         return value
 
+    @property
+    def on_nvme(self) -> list[str]:
+        """The offload fields set to nvme (what needs nvme_path and the async_io op)."""
+        return [f for f in ("offload_optimizer", "offload_param") if getattr(self, f) == "nvme"]
+
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedSpec:
         if self.offload_param and self.stage != 3:
             raise ValueError("offload_param needs stage 3")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("offload_optimizer needs stage 1, 2 or 3")
-        on_nvme = [f for f in ("offload_optimizer", "offload_param") if getattr(self, f) == "nvme"]
+        on_nvme = self.on_nvme
         if on_nvme and self.stage != 3:  # only ZeRO-3 has DeepSpeed's NVMe swappers
             raise ValueError(f"{on_nvme[0]}: nvme needs stage 3")
         if on_nvme and not self.nvme_path:

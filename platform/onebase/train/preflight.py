@@ -117,7 +117,7 @@ def check_nvme_offload(spec: JobSpec) -> None:
     """NVMe offload needs a folder to swap into and DeepSpeed's async_io op (libaio) on this machine;
     without them DeepSpeed fails inside every worker, after Ray and the model have started."""
     ds = spec.deepspeed
-    on_nvme = [field for field in ("offload_optimizer", "offload_param") if getattr(ds, field) == "nvme"]
+    on_nvme = ds.on_nvme
     if not on_nvme:
         return
     check_writable(Path(ds.nvme_path or "/"), "deepspeed.nvme_path")  # the schema made sure it is given
