@@ -149,25 +149,18 @@ def test_a_calibrated_icl_row_reuses_its_twins_forwards_exactly(workspace, ray_c
     its uncalibrated twin's scores; the result must equal scoring the calibrated program from scratch."""
     from onebase.compare.plan import plan
     from onebase.compare.quick import cut_down
-    from onebase.compare.run import close_pools, evaluate_sharing, pool_for
+    from onebase.compare.run import close_pools, evaluate_program, pool_for
     from onebase.compare.spec import parse_compare
-    from onebase.prompt.demos import build_program
-    from onebase.prompt.evaluate import evaluate_on, finalise, prepare
+    from onebase.prompt.evaluate import evaluate_on
 
     grid = {"kind": "icl", "name": "icl", "base": "decoder", "k": [2], "seeds": [0], "labels": ["gold"],
             "calibration": ["none", "contextual"]}
     spec = parse_compare(cut_down(compare_spec(contenders=[grid])))
     pools: dict = {}
     try:
-        scored = []
-        for row in plan(spec, workspace):
-            prepared = prepare(row.programs[0])
-            pool = pool_for(pools, row.programs[0])
-            program = finalise(build_program(row.programs[0], prepared.dataset.train, prepared.dataset.labels,
-                                             pool.fingerprint()), pool)
-            scored.append(evaluate_sharing(pool, prepared, program))
-        (twin, twin_preds), (shared, shared_preds) = scored
-        fresh, fresh_preds = evaluate_on(pool, prepared, program)
+        scored = [evaluate_program(row.programs[0], pools) for row in plan(spec, workspace)]
+        (_, _, _, twin, twin_preds), (program_spec, prepared, program, shared, shared_preds) = scored
+        fresh, fresh_preds = evaluate_on(pool_for(pools, program_spec), prepared, program)
     finally:
         close_pools(pools)
     assert program.calibration.mode == "contextual" and shared["ms_per_query"] == twin["ms_per_query"]
@@ -176,3 +169,36 @@ def test_a_calibrated_icl_row_reuses_its_twins_forwards_exactly(workspace, ray_c
         assert mine["probs"] == pytest.approx(theirs["probs"], abs=1e-6)
     assert shared["macro_f1"] == fresh["macro_f1"]
     assert any(a["probs"] != pytest.approx(b["probs"], abs=1e-6) for a, b in zip(shared_preds, twin_preds))
+
+
+@pytest.mark.slow
+def test_a_generative_tune_is_scored_draw_by_draw_on_the_same_rows(tmp_path):
+    """Training reports only a loss for a generative task: the compare scores every draw's export under the
+    task's program, picks the best by exact match, logs each score on its draw's run and registers the best."""
+    from mlflow.tracking import MlflowClient
+
+    from onebase.sweep.report import child_runs
+
+    spec = {"kind": "compare", "name": "tiny-coins", "task": "generation",
+            "data": {"source": "bundled:coin-flip?n=160&seed=0&people=2", "validation": {"fraction": 0.2}},
+            "instruction": "Answer yes or no.", "bases": {"decoder": {"name": "smollm2-135m-instruct"}},
+            "program": {"template": "chat", "extractor": {"kind": "regex", "pattern": "(?i)\\b(yes|no)\\b"}},
+            "contenders": [
+                {"kind": "program", "name": "direct", "base": "decoder", "program": {"scoring": "generate"}},
+                {"kind": "train", "name": "lora-coins", "base": "decoder",
+                 "method": {"name": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]},
+                 "learning_rate": [1e-3, 1e-2], "draws": 2}],
+            "tracking": {"experiment": "compare", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
+    result = onebase_cli("compare", str(write(tmp_path / "coins.yaml", spec)), "--quick", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    report = json.loads(next((tmp_path / "runs" / "tiny-coins").glob("*/report.json")).read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    lora = rows["lora-coins"]
+    assert lora["status"] == "finished", lora.get("reason")
+    assert lora["draws_scored"] == 2 and lora["draw_min"] <= lora["metric"] == lora["draw_max"]
+    assert lora["ms_per_query"] > 0 and lora["registered"]
+    assert report["same_rows"]["same"] and rows["direct"]["eval_rows_sha256"] == lora["eval_rows_sha256"]
+    uri = spec["tracking"]["uri"]
+    parent = MlflowClient(uri).get_run(lora["best_run_id"]).data.tags["mlflow.parentRunId"]
+    draws = [r for r in child_runs(uri, parent) if "onebase.trial" in r.data.tags]
+    assert sorted(r.data.metrics["exact_match"] for r in draws) == [lora["draw_min"], lora["draw_max"]]

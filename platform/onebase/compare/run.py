@@ -144,17 +144,26 @@ def close_pools(workers: dict) -> None:
 
 def run_programs(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
     """Every seed's program scored on the evaluation rows; each seed logged, the best registered."""
-    from onebase.prompt.demos import build_program
-    from onebase.prompt.evaluate import finalise, prepare, record
+    return record_programs(spec, [evaluate_program(p, workers) for p in row.programs], uri, child)
 
-    scored = []
-    for program_spec in row.programs:
-        prepared = prepare(program_spec)
-        pool = pool_for(workers, program_spec)
-        program = finalise(build_program(program_spec, prepared.dataset.train, prepared.dataset.labels,
-                                         pool.fingerprint()), pool)
-        metrics, predictions = evaluate_sharing(pool, prepared, program)
-        scored.append((program_spec, prepared, program, metrics, predictions))
+
+def evaluate_program(program_spec, workers) -> tuple:
+    """One program scored on the evaluation rows: (spec, prepared rows, program, metrics, predictions)."""
+    from onebase.prompt.demos import build_program
+    from onebase.prompt.evaluate import finalise, prepare
+
+    prepared = prepare(program_spec)
+    pool = pool_for(workers, program_spec)
+    program = finalise(build_program(program_spec, prepared.dataset.train, prepared.dataset.labels,
+                                     pool.fingerprint()), pool)
+    metrics, predictions = evaluate_sharing(pool, prepared, program)
+    return program_spec, prepared, program, metrics, predictions
+
+
+def record_programs(spec: CompareSpec, scored: list[tuple], uri: str, child: str) -> tuple[dict, list[str]]:
+    """Log each scored program under the row's run, register the best; the row's figures over them."""
+    from onebase.prompt.evaluate import record
+
     metric = spec.metric_name()
     best = max(range(len(scored)), key=lambda i: scored[i][3][metric])
     for i, (program_spec, prepared, program, metrics, predictions) in enumerate(scored):
@@ -246,12 +255,17 @@ def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, work
     concurrency = max(1, min(row.sweep.max_concurrent_trials, worker_slots(first) // first.scaling.num_workers))
     errored = tune_trials(row.sweep, row.job, trials, uri, child, out, concurrency)
     sweep_report.close_stopped_trials(uri, child, errored)
+    classification = spec.task == "classification"
+    # Training evaluates a generative tune by its loss alone: every finished draw is scored here, as
+    # the prompt rows are, so the best draw is chosen (and registered) by the compare's metric.
+    draws_scored = {} if classification else score_draws(spec, row, uri, child, out, workers)
     result = sweep_report.build(uri, child, spec.metric_name(), "max", out)
+    draws = [r["metric"] for r in result["trials"] if not math.isnan(r["metric"])]
+    if not draws:
+        raise RuntimeError(f"no learning-rate draw of {row.name} finished with a {spec.metric_name()}")
     registered = sweep_report.register_best(uri, result, first.tracking.registered_model or first.name)
     best = result["table"][0]
-    draws = [r["metric"] for r in result["trials"] if not math.isnan(r["metric"])]
     dataset = load_dataset(first)
-    classification = spec.task == "classification"
     ids = ids_of_dataset_rows(dataset.validation, classification)
     record = {"metric": best["metric"], "metric_std": math.nan, "seeds": 1, "draws_scored": len(draws),
               "draw_min": min(draws), "draw_max": max(draws), "trainable_params": best["trainable_params"],
@@ -261,16 +275,33 @@ def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, work
               "registered": next(iter(registered.values()), None),
               # for the learning curves (report.curves_plot): every draw's loss history, by MLflow run id
               "best_run_id": best["run_id"], "draw_run_ids": [r["run_id"] for r in result["trials"]]}
-    export = download_export(uri, best["run_id"], out / "best")
-    model_path = check_model_available(first.model.name, first.model.revision)
     if classification:
         from onebase.compare.infer import measure_on_ray
 
+        export = download_export(uri, best["run_id"], out / "best")
+        model_path = check_model_available(first.model.name, first.model.revision)
         record.update(measure_on_ray(first.model_dump(mode="json"), model_path, str(export),
                                      [r["text"] for r in dataset.validation], dataset.labels))
-    else:  # a generative tune is scored like the prompt rows: its export under a zero-shot program
-        record.update(score_export(spec, row, uri, child, export, workers))
+    else:  # the best draw's export under the zero-shot program, logged like a prompt row (scored once)
+        scored, _ = record_programs(spec, [draws_scored[best["run_id"]]], uri, child)
+        record.update({k: scored[k] for k in ("prompt_tokens_per_query", "ms_per_query")})
     return record, ids
+
+
+def score_draws(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> dict[str, tuple]:
+    """Each finished draw's export under this task's zero-shot program (spec.program fields), its metric
+    logged on the draw's own run; by run id, what `evaluate_program` returns."""
+    from onebase.sweep import report as sweep_report
+
+    metric, client, scored = spec.metric_name(), mlflow_run.client(uri), {}
+    for run in sweep_report.child_runs(uri, child):
+        if run.info.status != "FINISHED":
+            continue
+        export = download_export(uri, run.info.run_id, out / "draws" / run.info.run_id)
+        scored[run.info.run_id] = evaluate_program(export_program(spec, row, export), workers)
+        client.log_metric(run.info.run_id, metric, scored[run.info.run_id][3][metric])
+    close_pools(workers)
+    return scored
 
 
 def download_export(uri: str, run_id: str, dst: Path) -> Path:
@@ -280,16 +311,13 @@ def download_export(uri: str, run_id: str, dst: Path) -> Path:
     return Path(client.download_artifacts(run_id, tags.get("onebase.artifact_path", "adapter"), str(dst)))
 
 
-def score_export(spec: CompareSpec, row: Row, uri: str, child: str, export: Path, workers) -> dict[str, Any]:
-    """The export under this task's zero-shot program (spec.program fields): metric and cost per query."""
+def export_program(spec: CompareSpec, row: Row, export: Path):
+    """This task's zero-shot program (spec.program fields) with `export` as its adapter or weights."""
     from onebase.compare.plan import merge, parse_program, program_raw
 
     contender = next(c for c in spec.contenders if c.name == row.name)
     raw = merge(program_raw(spec, contender, f"{spec.name}-{row.name}-program"), {"adapter": str(export)})
-    program_row = Row(row.name, "program", row.base, programs=[parse_program(raw, f"contender {row.name}")])
-    scored, _ = run_programs(spec, program_row, uri, child, export, workers)
-    close_pools(workers)
-    return {k: scored[k] for k in ("metric", "prompt_tokens_per_query", "ms_per_query")}
+    return parse_program(raw, f"contender {row.name}")
 
 
 # --- the instruction-tuned generalist -------------------------------------------------------------
