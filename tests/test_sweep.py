@@ -127,6 +127,8 @@ def test_sweep_over_every_method_reports_and_registers(ray_cluster, another_ray_
     cli = onebase_cli("sweep", str(path), "--report-only", parent.info.run_id, "--out", str(out), cwd=workspace)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert (out / "pareto.png").is_file()
+    # No stopped trial keeps a Train controller or a CPU (the next test trains two workers on 2 CPUs).
+    wait_for(all_cpus_free, 60, "a stopped trial still holds a CPU")
     again = json.loads((out / "report.json").read_text())
     assert [r["run_id"] for r in again["table"]] == [r["run_id"] for r in result["table"]]
 
@@ -200,3 +202,58 @@ def test_stopped_trials_end_killed_and_real_failures_stay_failed(tmp_path):
         "running": "KILLED", "stopped": "KILLED", "broken": "FAILED", "done": "FINISHED"}
     assert "onebase.failure" not in status["stopped"][1] and status["stopped"][1]["onebase.stopped"]
     assert status["broken"][1]["onebase.failure"] == "CUDA out of memory"
+
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+def all_cpus_free() -> bool:
+    import ray
+
+    return ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_a_train_run_left_behind_by_a_stopped_trial_is_reaped_and_its_cpus_come_back(ray_cluster, workspace):
+    """What a trial stopped while starting its Train run can leave: a controller that outlives the trial and
+    keeps its workers' CPUs. When a sweep ends it kills every Train controller its job still has."""
+    import threading
+    import time
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from onebase.sweep.run import reap_orphan_controllers
+
+    started = workspace / "left-behind.started"
+    started.unlink(missing_ok=True)
+
+    def train_forever(config):
+        started.touch()  # the worker group is up and its placement group known to Train's cleaner
+        time.sleep(600)
+
+    trainer = TorchTrainer(train_forever, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name="left-behind", storage_path=str(workspace / "ray-left")))
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except Exception as err:  # the run's controller is killed under it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    wait_for(started.exists, 90, "the Train run never started")
+    assert not all_cpus_free()
+    assert len(reap_orphan_controllers()) == 1
+    wait_for(all_cpus_free, 60, "the reaped run's CPU did not come back")
+    thread.join(60)
+    assert not thread.is_alive() and "error" in outcome  # its fit() ended: the run is gone, not just hidden
+    assert reap_orphan_controllers() == []

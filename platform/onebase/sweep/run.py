@@ -88,11 +88,44 @@ def tune_trials(sweep: SweepSpec, base: dict[str, Any], trials: list[dict[str, A
                                   progress_reporter=reporter, verbose=1, callbacks=[failures],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        reap_orphan_controllers()
     errors = [r.error for r in results if r.error is not None]
     if errors and len(errors) == len(trials):
         raise errors[0]
     return failures.trial_ids
+
+
+def reap_orphan_controllers(timeout_s: float = 60.0) -> list[str]:
+    """Kill the Ray Train controllers of this driver's job that are still alive once the sweep is over.
+
+    A trial Tune stops while it is starting its Train run can create the run's controller after Ray has
+    already marked the trial's actor dead; that controller is then not fate-shared with it and keeps its
+    workers' CPUs for good (on a 2-CPU machine, the next two-worker job waited for ever). Nothing of this
+    job trains once `tuner.fit()` has returned, so every controller left is such an orphan. Returns their
+    ids; waits (up to `timeout_s`) until Ray reports them dead, so their placement groups are released."""
+    import ray
+    from ray.util.state import list_actors
+
+    def alive() -> list[str]:
+        actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[
+            ("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
+            ("job_id", "=", ray.get_runtime_context().get_job_id())], raise_on_missing_output=False)
+        return [a.actor_id for a in actors]
+
+    try:
+        orphans = alive()
+    except Exception as err:  # e.g. a Ray Client driver without the state API: the sweep's result stands
+        print(f"warning: could not check for Train runs left behind by stopped trials ({err})")
+        return []
+    for actor_id in orphans:  # by id: Ray has no handle-free public kill, and these have no name
+        ray._private.worker.global_worker.core_worker.kill_actor(ray.ActorID.from_hex(actor_id), True)
+    deadline = time.monotonic() + timeout_s
+    while orphans and set(alive()) & set(orphans) and time.monotonic() < deadline:
+        time.sleep(1)
+    return orphans
 
 
 class FailedTrials(Callback):
@@ -125,6 +158,8 @@ def trial_main(config: dict[str, Any], trials: dict[str, dict[str, Any]], base: 
     job_dir = Path(out_dir) / "trials" / trial_id
     began = time.monotonic()
     model_path = check_model_available(spec.model.name, spec.model.revision)
+    if stopped_by_tune():  # stopped while it was setting up: starting Train now would only leave an orphan
+        return
     # Tune only starts a trial when its workers fit, so a worker group that cannot start is a
     # fault (e.g. resources held by something else): fail the trial, never wait for ever.
     outcome = launch.train_once(spec, model_path, load_dataset(spec), uri, run_id, job_dir, f"trial-{trial_id}",
@@ -133,6 +168,14 @@ def trial_main(config: dict[str, Any], trials: dict[str, dict[str, Any]], base: 
     extra = {"wall_s": time.monotonic() - began, "adapter_bytes": float(weights_bytes(outcome.export_dir))}
     mlflow_run.log_metrics(uri, run_id, extra)
     tune.report({**outcome.metrics, **extra, "step": float(outcome.info.get("steps", 0))})
+
+
+def stopped_by_tune() -> bool:
+    """Whether Tune has already stopped this trial (the function keeps running in its thread until it returns)."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return bool(session and session.stop_event.is_set())
 
 
 def weights_bytes(export_dir: Path) -> int:
