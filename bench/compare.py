@@ -6,6 +6,8 @@
     4-draw learning-rate search, plus the FLAN-mixture generalist; 600 held-out tweets, macro-F1.
 (b) jobs/compare-coin-flip.yaml: direct vs CoT vs self-consistency vs least-to-most vs a LoRA tune vs
     the generalist on a generated reasoning task.
+(c) jobs/compare-smollm2-lora-vs-full.yaml: item 3 alone, LoRA on every linear layer vs full FT of SmolLM2
+    with twice the steps and a LoRA learning-rate range up to 1e-2 (`--part c`; not part of "all").
 The report, its plots and the figures below are copied to docs/img/compare-<spec>-*.png.
 
     .venv/bin/python bench/compare.py                     # the full run (both parts; the generalist trained once)
@@ -25,7 +27,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SPECS = {"a": REPO / "jobs" / "compare-tweet-sentiment.yaml", "b": REPO / "jobs" / "compare-coin-flip.yaml"}
+SPECS = {"a": REPO / "jobs" / "compare-tweet-sentiment.yaml", "b": REPO / "jobs" / "compare-coin-flip.yaml",
+         "c": REPO / "jobs" / "compare-smollm2-lora-vs-full.yaml"}
 
 
 def cut_down(path: Path, rows: int, train_rows: int, draws: int, out: Path) -> Path:
@@ -111,7 +114,8 @@ def run(path: Path, overrides: list[str], quick: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--part", choices=["a", "b", "c", "all"], default="all",
+                        help="c: item 3 alone (LoRA on every linear layer vs full FT on SmolLM2, 100 steps)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cut", nargs=3, type=int, metavar=("ROWS", "TRAIN_ROWS", "DRAWS"),
@@ -125,7 +129,7 @@ def main() -> None:
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
                "parts": {}}
     export, seconds = (Path(args.generalist), args.generalist_seconds) if args.generalist else (None, None)
-    if export is None and not args.quick and not args.cut:
+    if export is None and not args.quick and not args.cut and args.part != "c":
         uri = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")), None)
         export, seconds = train_generalist(uri)
     results["generalist"] = {"export": str(export) if export else None, "train_seconds": seconds}
