@@ -242,21 +242,25 @@ def test_bad_mixtures_and_held_out_tasks_fail_in_one_line_before_ray(workspace):
 
 
 @pytest.mark.slow
-def test_a_mixture_job_trains_and_scores_held_out_tasks_tuned_and_base(workspace, ray_cluster):
+def test_a_mixture_job_trains_and_scores_held_out_tasks_tuned_and_base(workspace, ray_cluster, monkeypatch):
     """`onebase run` on a mixture with held-out tasks: per-source eval, held-out figures for the tuned
     model and the base in the summary, the MLflow run and onebase.json; each equals what
     `onebase prompt eval` computes for the same program on the base and on base + export."""
     from mlflow.tracking import MlflowClient
 
-    from onebase.prompt.evaluate import evaluate_program
+    from onebase.prompt.evaluate import evaluate_program, prepare
     from onebase.spec import parse_spec
+    from onebase.train import heldout
     from onebase.train.heldout import program_spec
     from onebase.train.launch import print_summary, run_job
 
+    prepared = []  # each held-out task's rows are loaded once (pre-flight), then scored after training
+    monkeypatch.setattr(heldout, "prepare", lambda spec: prepared.append(spec.name) or prepare(spec))
     spec = mixture_job("tiny-flan", workspace)
     said: list[str] = []
     summary = io.StringIO()
     print_summary(run_job(parse_spec(spec), yaml.safe_dump(spec), echo=said.append, progress=False), out=summary)
+    assert sorted(prepared) == ["tiny-flan-heldout-coin-flip", "tiny-flan-heldout-sentiment"]
     out = "\n".join(said) + summary.getvalue()  # what `onebase run` prints
     assert "held-out: scoring sentiment, coin-flip zero-shot on the tuned model and on the base" in out
     assert "held-out sentiment (6 rows): accuracy " in out and "(base " in out

@@ -79,11 +79,13 @@ def check_held_out(job: JobSpec) -> list[HeldOut]:
     return checked
 
 
-def evaluate_held_out(job: JobSpec, export_dir: Path, echo=print) -> dict[str, dict[str, Any]]:
-    """{task: {"task", "rows", "tuned": metrics, "base": metrics}}; Ray must be connected."""
+def evaluate_held_out(job: JobSpec, export_dir: Path, echo=print,
+                      checked: list[HeldOut] | None = None) -> dict[str, dict[str, Any]]:
+    """{task: {"task", "rows", "tuned": metrics, "base": metrics}}; Ray must be connected. `checked`: the
+    tasks as pre-flight prepared them (their rows are not loaded again)."""
     from onebase.prompt.demos import build_program
 
-    checked = check_held_out(job)
+    checked = check_held_out(job) if checked is None else checked
     results: dict[str, dict[str, Any]] = {
         item.name: {"task": item.spec.task, "rows": len(item.prepared.queries)} for item in checked}
     echo(f"held-out: scoring {', '.join(results)} zero-shot on the tuned model and on the base")
@@ -118,14 +120,15 @@ def record(uri: str, run_id: str, export_dir: Path, info: dict[str, Any],
     return write_run_info(export_dir, {**info, "held_out": results}).as_dict()
 
 
-def after_export(job: JobSpec, uri: str, run_id: str, echo=print):
-    """The hook `onebase run` passes to train_once: score, log and record the held-out tasks."""
+def after_export(job: JobSpec, uri: str, run_id: str, echo=print, checked: list[HeldOut] | None = None):
+    """The hook `onebase run` passes to train_once: score, log and record the held-out tasks (`checked`:
+    pre-flight's prepared tasks)."""
     def hook(export_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
         from onebase.runtime import root_cause
         from onebase.tracking import mlflow_run
 
         try:
-            return record(uri, run_id, export_dir, info, evaluate_held_out(job, export_dir, echo))
+            return record(uri, run_id, export_dir, info, evaluate_held_out(job, export_dir, echo, checked))
         except Exception as err:  # the run must not stay RUNNING; the export is on disk already
             mlflow_run.fail_run(uri, run_id, f"held-out evaluation: {root_cause(err)}")
             raise

@@ -71,7 +71,7 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     try:
         return train_once(spec, model_path, dataset, uri, run_id, job_dir, ray_name,
                           extra_config={"driver_started": started, "progress_board": board},
-                          after_export=heldout.after_export(spec, uri, run_id, echo),
+                          after_export=heldout.after_export(spec, uri, run_id, echo, checked.held_out),
                           console=Console(board, spec.train.log_every_steps) if board else None)
     except TrainingFailed as err:
         hint = "" if verbose else " (--verbose shows the workers' logs)"

@@ -19,7 +19,7 @@ from onebase.errors import SpecError, error_line
 from onebase.methods import get_method
 from onebase.model.assets import check_model_available
 from onebase.spec.schema import JobSpec
-from onebase.train.heldout import check_held_out
+from onebase.train.heldout import HeldOut, check_held_out
 
 # MLflow tracking stores onebase can write to: a database, a local folder, or a tracking server.
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -30,6 +30,7 @@ REACH_TIMEOUT_S = 5.0
 class Checked:
     model_path: str
     dataset: Dataset
+    held_out: list[HeldOut]  # prepared once here, scored after training
 
 
 def preflight(spec: JobSpec, tracking_uri: str) -> Checked:
@@ -38,11 +39,11 @@ def preflight(spec: JobSpec, tracking_uri: str) -> Checked:
     check_method_base(spec, model_path)
     dataset = load_dataset(spec)
     check_method_applies(spec, model_path, dataset.labels)
-    check_held_out(spec)  # evaluation.held_out: each task a valid zero-shot program whose rows load
+    held_out = check_held_out(spec)  # evaluation.held_out: each task a valid zero-shot program whose rows load
     check_tracking_uri(tracking_uri)
     check_output_writable(spec.output.path)
     check_nvme_offload(spec)
-    return Checked(model_path=model_path, dataset=dataset)
+    return Checked(model_path=model_path, dataset=dataset, held_out=held_out)
 
 
 def check_method_base(spec: JobSpec, model_path: str) -> None:
