@@ -14,6 +14,7 @@ The report, its plots and the figures below are copied to docs/img/compare-<spec
     .venv/bin/python bench/compare.py --part a --generalist runs/.../export   # reuse a trained generalist
     .venv/bin/python bench/compare.py --part a --cut 120 200 2   # cut down: 120 eval rows, 200 train rows, 2 lr
     .venv/bin/python bench/compare.py --quick             # tiny models: every contender kind, minutes
+    .venv/bin/python bench/compare.py --part b --only direct,lora-finetune   # re-measure some rows
 """
 
 from __future__ import annotations
@@ -51,6 +52,24 @@ def cut_down(path: Path, rows: int, train_rows: int, draws: int, out: Path) -> P
         if c["kind"] == "generalist":
             c["job_file"] = str(path.parent / c["job_file"])
             c["job"] = {**c.get("job", {}), "data.max_samples": 96}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def only(path: Path, names: list[str], out: Path) -> Path:
+    """A copy of a compare spec with only the named contenders (e.g. re-measure one row)."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    known = [c["name"] for c in raw["contenders"]]
+    missing = sorted(set(names) - set(known))
+    if missing:
+        raise SystemExit(f"--only: no contender {', '.join(missing)} in {path.name} (it has {', '.join(known)})")
+    raw["contenders"] = [c for c in raw["contenders"] if c["name"] in names]
+    for c in raw["contenders"]:
+        if c.get("job_file"):
+            c["job_file"] = str(path.parent / c["job_file"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
@@ -120,6 +139,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cut", nargs=3, type=int, metavar=("ROWS", "TRAIN_ROWS", "DRAWS"),
                         help="a cut-down run (see cut_down) for a shared machine")
+    parser.add_argument("--only", help="comma-separated contender names: run just those rows of the part")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "compare.json"))
     parser.add_argument("--generalist", metavar="EXPORT",
                         help="a trained flan-mixture export to score (default: train it once, then reuse it)")
@@ -129,17 +149,21 @@ def main() -> None:
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
                "parts": {}}
     export, seconds = (Path(args.generalist), args.generalist_seconds) if args.generalist else (None, None)
-    if export is None and not args.quick and not args.cut and args.part != "c":
+    # --only: a kept generalist row trains inline unless --generalist names an export
+    needs_generalist = args.part != "c" and not args.only
+    if export is None and not args.quick and not args.cut and needs_generalist:
         uri = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")), None)
         export, seconds = train_generalist(uri)
     results["generalist"] = {"export": str(export) if export else None, "train_seconds": seconds}
     for part in (["a", "b"] if args.part == "all" else [args.part]):
         path = SPECS[part]
+        if args.only:
+            path = only(path, args.only.split(","), REPO / "runs" / "bench-compare" / f"only-{path.name}")
         if args.cut:
             path = cut_down(path, *args.cut, REPO / "runs" / "bench-compare" / path.name)
         if export is not None:
             path = use_export(path, export, REPO / "runs" / "bench-compare" / f"reuse-{path.name}")
-        results["parts"][part] = {**run(path, args.overrides, args.quick), "cut": args.cut}
+        results["parts"][part] = {**run(path, args.overrides, args.quick), "cut": args.cut, "only": args.only}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=float))
     print(json.dumps({p: {k: v for k, v in r.items() if k != "markdown"} for p, r in results["parts"].items()},

@@ -1,5 +1,6 @@
 """Inference cost of a trained classifier, measured like a prompt row's: the best export loaded on
-a fresh base in a Ray task, the evaluation rows forwarded in batches, ms and input tokens per query."""
+a fresh base in a Ray task (one thread, as each prompt actor has), the evaluation rows forwarded at the
+prompt rows' batch size, ms and input tokens per query."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 
 def measure(job_json: dict[str, Any], model_path: str, export_dir: str, texts: list[str],
-            labels: list[str] | None, batch_size: int = 32) -> dict[str, float]:
+            labels: list[str] | None, batch_size: int) -> dict[str, float]:
     import time
 
     import torch
@@ -33,7 +34,8 @@ def measure(job_json: dict[str, Any], model_path: str, export_dir: str, texts: l
 
 
 def measure_on_ray(job_json: dict[str, Any], model_path: str, export_dir: str, texts: list[str],
-                   labels: list[str] | None) -> dict[str, float]:
+                   labels: list[str] | None, batch_size: int) -> dict[str, float]:
     import ray
 
-    return ray.get(ray.remote(num_cpus=1)(measure).remote(job_json, model_path, export_dir, texts, labels))
+    return ray.get(ray.remote(num_cpus=1)(measure).remote(job_json, model_path, export_dir, texts, labels,
+                                                          batch_size))

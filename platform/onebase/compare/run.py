@@ -281,11 +281,20 @@ def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, work
         export = download_export(uri, best["run_id"], out / "best")
         model_path = check_model_available(first.model.name, first.model.revision)
         record.update(measure_on_ray(first.model_dump(mode="json"), model_path, str(export),
-                                     [r["text"] for r in dataset.validation], dataset.labels))
+                                     [r["text"] for r in dataset.validation], dataset.labels,
+                                     batch_size=program_batch_size(spec)))
     else:  # the best draw's export under the zero-shot program, logged like a prompt row (scored once)
         scored, _ = record_programs(spec, [draws_scored[best["run_id"]]], uri, child)
         record.update({k: scored[k] for k in ("prompt_tokens_per_query", "ms_per_query")})
     return record, ids
+
+
+def program_batch_size(spec: CompareSpec) -> int:
+    """The batch the prompt rows forward at: a tuned classifier's cost per query is measured at the same
+    batch (and one thread), so the two costs compare like for like."""
+    from onebase.prompt.spec import ProgramSpec
+
+    return int(spec.program.get("batch_size", ProgramSpec.model_fields["batch_size"].default))
 
 
 def score_draws(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> dict[str, tuple]:
