@@ -8,6 +8,7 @@ its peak RSS, and its parameters right after loading (ZeRO-3 loads partitioned: 
 
     .venv/bin/python bench/memory.py                       # stages 0,1,2,3,3+offload x 1,2,4 workers
     .venv/bin/python bench/memory.py --workers 1 2 --steps 2   # what 2 cores hold
+    .venv/bin/python bench/memory.py --workers 4 --stages 2 3 --cpus-per-worker 0.5   # 4 workers on 2 cores
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ JOB = REPO / "jobs" / "tweet-sentiment-smollm2-lora.yaml"
 CONFIGS = [(0, False), (1, False), (2, False), (3, False), (3, True)]
 
 
-def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str) -> dict:
+def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str, cpus_per_worker: float = 1.0) -> dict:
     from mlflow.tracking import MlflowClient
 
     from onebase.spec import load_spec
@@ -34,7 +35,7 @@ def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str) -> di
     name = f"bench-memory-z{stage}{'-offload' if offload else ''}-w{workers}"
     spec = load_spec(JOB, [f"name={name}", "method={name: full}", f"train.max_steps={steps}", "train.batch_size=2",
                            "data.max_length=48", "data.validation.max_samples=8", "train.eval_batch_size=8",
-                           f"scaling.num_workers={workers}", "scaling.resources_per_worker={CPU: 1}",
+                           f"scaling.num_workers={workers}", f"scaling.resources_per_worker={{CPU: {cpus_per_worker}}}",
                            f"deepspeed.stage={stage}", f"deepspeed.offload_param={str(offload and stage == 3).lower()}",
                            f"deepspeed.offload_optimizer={str(offload).lower()}", "tracking.register_model=false"])
     started = time.perf_counter()
@@ -42,7 +43,8 @@ def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str) -> di
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
     keys = ("model_state_mb_per_worker", "param_mb_per_worker", "optimizer_state_mb_per_worker",
             "peak_rss_mb_per_worker", "loaded_param_mb_per_worker")
-    return {"stage": stage, "offload": offload, "workers": workers, "wall_s": round(time.perf_counter() - started, 1),
+    return {"stage": stage, "offload": offload, "workers": workers, "cpus_per_worker": cpus_per_worker,
+            "wall_s": round(time.perf_counter() - started, 1),
             **{k: round(metrics[k], 1) for k in keys if k in metrics}, "run_id": result.run_id}
 
 
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--stages", nargs="+", default=["0", "1", "2", "3", "3+offload"])
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0,
+                        help="Ray CPUs each worker asks for: 0.5 fits 4 workers on 2 cores (each still 1 thread; "
+                             "the memory figures do not change, the times are not comparable)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onebase-memory-", dir="/tmp"))
     os.chdir(work)
@@ -89,7 +94,7 @@ def main() -> None:
         for workers in args.workers:
             if stage > 0 and workers == 1 and not offload:
                 continue  # one worker has nothing to partition: the same as ZeRO-0
-            row = one_run(stage, offload, workers, args.steps, uri)
+            row = one_run(stage, offload, workers, args.steps, uri, args.cpus_per_worker)
             print(json.dumps(row), flush=True)
             rows.append(row)
     target = REPO / "bench" / "results"
