@@ -103,16 +103,16 @@ def use_export(path: Path, export: Path, out: Path) -> Path:
     return out
 
 
-def run(path: Path, overrides: list[str], quick: bool) -> dict:
+def run(path: Path, overrides: list[str], quick: bool, rescore_run: str | None = None) -> dict:
     from onebase.compare.plan import check_before_ray, plan
-    from onebase.compare.run import run_compare
+    from onebase.compare.run import rescore, run_compare
     from onebase.compare.spec import load_compare
 
     spec, folder = load_compare(path, overrides, quick=quick)
     rows = plan(spec, folder)
     n_rows = check_before_ray(spec, rows)
     began = time.perf_counter()
-    result = run_compare(spec, rows, path.read_text())
+    result = rescore(spec, rows, rescore_run) if rescore_run else run_compare(spec, rows, path.read_text())
     print(result["markdown"])
     out = REPO / "docs" / "img"
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,9 @@ def run(path: Path, overrides: list[str], quick: bool) -> dict:
             "ms_per_query", "wall_s")
     return {"spec": str(path), "overrides": overrides, "quick": quick, "metric": result["metric"],
             "evaluation_rows": n_rows, "same_rows": result["same_rows"]["same"],
-            "wall_s": time.perf_counter() - began, "parent_run_id": result["parent_run_id"],
+            # rescored: the rows' own wall times (training then, scoring now), not this call's
+            "wall_s": (sum(r["wall_s"] for r in result["rows"]) if rescore_run else time.perf_counter() - began),
+            "rescored": rescore_run is not None, "parent_run_id": result["parent_run_id"],
             "report": str(result["report_dir"] / "report.md"), "markdown": result["markdown"],
             "rows": [{k: r[k] for k in keep if k in r} for r in result["rows"]]}
 
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--cut", nargs=3, type=int, metavar=("ROWS", "TRAIN_ROWS", "DRAWS"),
                         help="a cut-down run (see cut_down) for a shared machine")
+    parser.add_argument("--rescore", metavar="RUN_ID", help="finish the failed training rows of that compare run "
+                                                             "from the trials they ran (onebase compare --rescore)")
     parser.add_argument("--only", help="comma-separated contender names: run just those rows of the part")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "compare.json"))
     parser.add_argument("--generalist", metavar="EXPORT",
@@ -150,7 +154,7 @@ def main() -> None:
                "parts": {}}
     export, seconds = (Path(args.generalist), args.generalist_seconds) if args.generalist else (None, None)
     # --only: a kept generalist row trains inline unless --generalist names an export
-    needs_generalist = args.part != "c" and not args.only
+    needs_generalist = args.part != "c" and not args.only and not args.rescore
     if export is None and not args.quick and not args.cut and needs_generalist:
         uri = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("tracking.uri=")), None)
         export, seconds = train_generalist(uri)
@@ -163,7 +167,8 @@ def main() -> None:
             path = cut_down(path, *args.cut, REPO / "runs" / "bench-compare" / path.name)
         if export is not None:
             path = use_export(path, export, REPO / "runs" / "bench-compare" / f"reuse-{path.name}")
-        results["parts"][part] = {**run(path, args.overrides, args.quick), "cut": args.cut, "only": args.only}
+        results["parts"][part] = {**run(path, args.overrides, args.quick, args.rescore), "cut": args.cut,
+                                  "only": args.only}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=float))
     print(json.dumps({p: {k: v for k, v in r.items() if k != "markdown"} for p, r in results["parts"].items()},

@@ -202,3 +202,28 @@ def test_a_generative_tune_is_scored_draw_by_draw_on_the_same_rows(tmp_path):
     parent = MlflowClient(uri).get_run(lora["best_run_id"]).data.tags["mlflow.parentRunId"]
     draws = [r for r in child_runs(uri, parent) if "onebase.trial" in r.data.tags]
     assert sorted(r.data.metrics["exact_match"] for r in draws) == [lora["draw_min"], lora["draw_max"]]
+
+
+@pytest.mark.slow
+def test_rescore_finishes_a_training_row_again_from_the_trials_it_ran(quick_run):
+    """`--rescore RUN_ID`: after a crash past training (say, in measuring the cost per query), the row is
+    finished from the trials it already ran: nothing trains again, the same best draw, the report rebuilt."""
+    work, path, parent, _ = quick_run
+    report_json = work / "runs" / "tiny-compare" / parent / "report.json"
+    before = {r["name"]: r for r in json.loads(report_json.read_text())["rows"]}
+    result = onebase_cli("compare", str(path), "--quick", "--rescore", parent, "--rows", "lora-decoder", cwd=work,
+                         timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[compare] lora-decoder rescored: " in result.stdout
+    after = {r["name"]: r for r in json.loads(report_json.read_text())["rows"]}
+    assert set(after) == set(before)
+    old, new = before["lora-decoder"], after["lora-decoder"]
+    assert new["status"] == "finished" and new["metric"] == old["metric"] and new["best_run_id"] == old["best_run_id"]
+    assert sorted(new["draw_run_ids"]) == sorted(old["draw_run_ids"])  # the same two trials, none added
+    assert new["wall_s"] > old["wall_s"] and new["ms_per_query"] > 0
+
+    wrong = onebase_cli("compare", str(path), "--quick", "--rescore", parent, "--rows", "zero-shot", cwd=work)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines() == [
+        f"onebase: error: --rescore: zero-shot is not a training row of compare run {parent} "
+        "(its training rows: lora-decoder)"]

@@ -17,6 +17,10 @@ def register(sub) -> dict:
     compare.add_argument("--report-only", metavar="RUN_ID", help="rebuild the report of an earlier compare from "
                                                                   "its MLflow parent run; runs nothing")
     compare.add_argument("--out", help="where --report-only writes (default: runs/<compare>/<run id>)")
+    compare.add_argument("--rescore", metavar="RUN_ID",
+                         help="finish the training rows of an earlier compare again from the trials they already "
+                              "ran (default: those that failed), then rebuild its report; trains nothing")
+    compare.add_argument("--rows", help="with --rescore: comma-separated training rows to rescore")
     return {"compare": cmd_compare}
 
 
@@ -38,6 +42,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             result = report.build(uri, args.report_only, out)
         except Exception as err:  # a wrong run id is the usual cause: say so in one line
             raise OnebaseError(f"--report-only {args.report_only}: {err}") from None
+    elif args.rescore:
+        from onebase.compare.run import rescore
+
+        result = rescore(spec, plan(spec, folder), args.rescore, names=args.rows.split(",") if args.rows else None,
+                         address=args.address, tracking_uri=args.tracking_uri)
     else:
         rows = plan(spec, folder)
         n = check_before_ray(spec, rows)  # bad input: one line, exit 2, before Ray starts

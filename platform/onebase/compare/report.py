@@ -9,22 +9,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from onebase.compare.run import ROW_TAG
+from onebase.compare.run import recorded_rows
 from onebase.tracking import mlflow_run
 
 PLOTS = ("kshot.png", "quality_vs_bytes.png", "quality_vs_cost.png", "learning_curves.png")
 
 
 def rows_of(uri: str, parent: str) -> tuple[str, list[dict[str, Any]]]:
-    client = mlflow_run.client(uri)
-    run = client.get_run(parent)
-    metric = run.data.tags.get("onebase.compare.metric")
+    metric = mlflow_run.client(uri).get_run(parent).data.tags.get("onebase.compare.metric")
     if metric is None:
         raise ValueError(f"run {parent} is not a compare's parent run (no onebase.compare.metric tag)")
-    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
-                                  max_results=5000, order_by=["attributes.start_time ASC"])
-    rows = [json.loads(c.data.tags[ROW_TAG]) for c in children if ROW_TAG in c.data.tags]
-    return metric, rows
+    return metric, [record for _, record in recorded_rows(uri, parent).values()]
 
 
 def same_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import yaml
 from onebase.compare.plan import Row
 from onebase.compare.rows import digest, ids_of_dataset_rows, row_ids
 from onebase.compare.spec import CompareSpec
-from onebase.errors import root_cause
+from onebase.errors import OnebaseError, root_cause
 from onebase.tracking import mlflow_run
 
 ROW_TAG = "onebase.compare.row"
@@ -57,6 +57,27 @@ def finish_child(uri: str, run_id: str, record: dict[str, Any], ids: list[str] |
     client.set_terminated(run_id, "FINISHED" if record["status"] == "finished" else "FAILED")
 
 
+def settle(runner, spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers,
+           wall_before: float = 0.0) -> dict[str, Any]:
+    """Run one row (`runner` -> its figures and row ids) and record the outcome on its child run. A failure
+    is recorded with its one-line reason, never raised: the other rows still run."""
+    started = time.monotonic()
+    record: dict[str, Any] = {"name": row.name, "kind": row.kind, "base": row.base, **row.params}
+    ids = None
+    try:
+        result, ids = runner(spec, row, uri, child, out, workers)
+        record.update(result, status="finished")
+    except Exception as err:
+        record.update(status="failed", reason=root_cause(err))
+    record["wall_s"] = wall_before + time.monotonic() - started
+    finish_child(uri, child, record, ids)
+    return record
+
+
+def shown(record: dict[str, Any]) -> str:
+    return f"{record['metric']:.4f}" if record["status"] == "finished" else f"FAILED: {record['reason']}"
+
+
 def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -75,24 +96,60 @@ def run_compare(spec: CompareSpec, rows: list[Row], text: str, address: str | No
     try:
         for row in rows:
             child = start_child(uri, spec, parent, row)
-            started = time.monotonic()
-            record: dict[str, Any] = {"name": row.name, "kind": row.kind, "base": row.base, **row.params}
-            ids = None
-            try:
-                result, ids = RUNNERS[row.kind](spec, row, uri, child, out_dir / row.name, workers)
-                record.update(result, status="finished")
-            except Exception as err:  # one row's failure is reported; the others still run
-                record.update(status="failed", reason=root_cause(err))
-            record["wall_s"] = time.monotonic() - started
-            finish_child(uri, child, record, ids)
-            shown = (f"{record.get('metric', math.nan):.4f}" if record["status"] == "finished"
-                     else f"FAILED: {record['reason']}")
-            echo(f"[compare] {row.name}: {shown}")
+            record = settle(RUNNERS[row.kind], spec, row, uri, child, out_dir / row.name, workers)
+            echo(f"[compare] {row.name}: {shown(record)}")
     finally:
         close_pools(workers)
     result = report.build(uri, parent, out_dir)
     mlflow_run.client(uri).set_terminated(parent, "FINISHED")
     return result
+
+
+def rescore(spec: CompareSpec, rows: list[Row], parent: str, names: list[str] | None = None,
+            address: str | None = None, tracking_uri: str | None = None, echo=print) -> dict[str, Any]:
+    """Finish training rows of an earlier compare again from the trials they already ran (by default the
+    training rows that failed), then rebuild its report: a crash after training costs no retraining."""
+    from onebase.compare import report
+    from onebase.train.launch import connect_ray
+
+    uri = mlflow_run.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    try:
+        done = recorded_rows(uri, parent)
+    except Exception as err:  # a wrong run id is the usual cause
+        raise OnebaseError(f"--rescore {parent}: {root_cause(err)}") from None
+    planned = {r.name: r for r in rows}
+    names = names or [n for n, (_, r) in done.items() if r["kind"] == "train" and r["status"] == "failed"]
+    for name in names:
+        if name not in done or planned.get(name) is None or planned[name].kind != "train":
+            trained = ", ".join(n for n, (_, r) in done.items() if r["kind"] == "train") or "none"
+            raise OnebaseError(f"--rescore: {name} is not a training row of compare run {parent} "
+                               f"(its training rows: {trained})")
+    connect_ray(address, quiet=True)
+    out_dir = Path(spec.output.path).expanduser().resolve() / spec.name / parent
+    workers: dict[tuple, Any] = {}
+    try:
+        for name in names:
+            (child, before), row = done[name], planned[name]
+            record = settle(finish_train, spec, row, uri, child, out_dir / row.name, workers,
+                            wall_before=float(before.get("wall_s", 0.0)))
+            echo(f"[compare] {name} rescored: {shown(record)}")
+    finally:
+        close_pools(workers)
+    return report.build(uri, parent, out_dir)
+
+
+def recorded_rows(uri: str, parent: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """{row name: (its child run id, its recorded row)} of a compare's parent run."""
+    client = mlflow_run.client(uri)
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000,
+                                  order_by=["attributes.start_time ASC"])
+    rows = {}
+    for run in children:
+        if ROW_TAG in run.data.tags:
+            record = json.loads(run.data.tags[ROW_TAG])
+            rows[record["name"]] = (run.info.run_id, record)
+    return rows
 
 
 # --- majority class -------------------------------------------------------------------------------
@@ -242,8 +299,6 @@ def dir_bytes(path: Path) -> int:
 # --- training rows (Ray Tune over the learning rate) ----------------------------------------------
 
 def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
-    from onebase.data.sources import load_dataset
-    from onebase.model.assets import check_model_available
     from onebase.sweep import report as sweep_report
     from onebase.sweep.run import tune_trials
     from onebase.sweep.spec import draw_trials, trial_spec
@@ -255,6 +310,18 @@ def run_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, work
     concurrency = max(1, min(row.sweep.max_concurrent_trials, worker_slots(first) // first.scaling.num_workers))
     errored = tune_trials(row.sweep, row.job, trials, uri, child, out, concurrency)
     sweep_report.close_stopped_trials(uri, child, errored)
+    return finish_train(spec, row, uri, child, out, workers)
+
+
+def finish_train(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, workers) -> tuple[dict, list[str]]:
+    """The row's figures from the trials it ran (its runs under `child` in MLflow): the best draw by the
+    compare's metric, registered, its cost per query measured."""
+    from onebase.data.sources import load_dataset
+    from onebase.model.assets import check_model_available
+    from onebase.sweep import report as sweep_report
+    from onebase.sweep.spec import draw_trials, trial_spec
+
+    first = trial_spec(row.job, draw_trials(row.sweep)[0])
     classification = spec.task == "classification"
     # Training evaluates a generative tune by its loss alone: every finished draw is scored here, as
     # the prompt rows are, so the best draw is chosen (and registered) by the compare's metric.
