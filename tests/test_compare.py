@@ -51,7 +51,10 @@ def write(path: Path, spec: dict) -> Path:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("compare")
-    path = write(work / "compare.yaml", compare_spec())
+    # Its own store, named: an earlier test's mlflow.set_tracking_uri leaves MLFLOW_TRACKING_URI in this
+    # process's environment, which every later CLI run would inherit.
+    tracking = {"experiment": "compare", "uri": f"sqlite:///{work / 'mlflow.db'}"}
+    path = write(work / "compare.yaml", compare_spec(tracking=tracking))
     result = onebase_cli("compare", str(path), "--quick", cwd=work, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     parent = result.stdout.split("mlflow parent run: ")[1].split()[0]
@@ -177,8 +180,6 @@ def test_a_generative_tune_is_scored_draw_by_draw_on_the_same_rows(tmp_path):
     task's program, picks the best by exact match, logs each score on its draw's run and registers the best."""
     from mlflow.tracking import MlflowClient
 
-    from onebase.sweep.report import child_runs
-
     spec = {"kind": "compare", "name": "tiny-coins", "task": "generation",
             "data": {"source": "bundled:coin-flip?n=160&seed=0&people=2", "validation": {"fraction": 0.2}},
             "instruction": "Answer yes or no.", "bases": {"decoder": {"name": "smollm2-135m-instruct"}},
@@ -198,9 +199,11 @@ def test_a_generative_tune_is_scored_draw_by_draw_on_the_same_rows(tmp_path):
     assert lora["draws_scored"] == 2 and lora["draw_min"] <= lora["metric"] == lora["draw_max"]
     assert lora["ms_per_query"] > 0 and lora["registered"]
     assert report["same_rows"]["same"] and rows["direct"]["eval_rows_sha256"] == lora["eval_rows_sha256"]
-    uri = spec["tracking"]["uri"]
-    parent = MlflowClient(uri).get_run(lora["best_run_id"]).data.tags["mlflow.parentRunId"]
-    draws = [r for r in child_runs(uri, parent) if "onebase.trial" in r.data.tags]
+    client = MlflowClient(spec["tracking"]["uri"])  # not onebase's client(): it would set MLFLOW_TRACKING_URI here
+    best = client.get_run(lora["best_run_id"])
+    parent = best.data.tags["mlflow.parentRunId"]
+    draws = [r for r in client.search_runs([best.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+             if "onebase.trial" in r.data.tags]
     assert sorted(r.data.metrics["exact_match"] for r in draws) == [lora["draw_min"], lora["draw_max"]]
 
 
