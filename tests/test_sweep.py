@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import onebase_cli, tiny_spec, write_spec
+from conftest import onebase_cli, tiny_spec, wait_for, write_spec
 from onebase.errors import SpecError
 from onebase.methods import METHODS
 from onebase.spec.load import parse_spec
@@ -94,7 +94,7 @@ def test_sweep_over_every_method_reports_and_registers(ray_cluster, another_ray_
     assert parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md",
                                                                                     "report/pareto.png"}
-    children = report.child_runs(default_tracking_uri(), parent.info.run_id)
+    children = report.trial_runs(default_tracking_uri(), parent.info.run_id)
     assert len(children) == len(METHODS)
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     finished = [c for c in children if c.info.status == "FINISHED"]
@@ -128,7 +128,7 @@ def test_sweep_over_every_method_reports_and_registers(ray_cluster, another_ray_
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert (out / "pareto.png").is_file()
     # No stopped trial keeps a Train controller or a CPU (the next test trains two workers on 2 CPUs).
-    wait_for(all_cpus_free, 60, "a stopped trial still holds a CPU")
+    wait_for(all_cpus_free, "every CPU is free after the sweep (no stopped trial keeps one)", 60)
     again = json.loads((out / "report.json").read_text())
     assert [r["run_id"] for r in again["table"]] == [r["run_id"] for r in result["table"]]
 
@@ -197,21 +197,12 @@ def test_stopped_trials_end_killed_and_real_failures_stay_failed(tmp_path):
 
     report.close_stopped_trials(uri, parent, errored={"broken"})
 
-    status = {c.data.tags["onebase.trial"]: (c.info.status, c.data.tags) for c in report.child_runs(uri, parent)}
+    status = {c.data.tags["onebase.trial"]: (c.info.status, c.data.tags) for c in report.trial_runs(uri, parent)}
     assert {trial: s for trial, (s, _) in status.items()} == {
         "running": "KILLED", "stopped": "KILLED", "broken": "FAILED", "done": "FINISHED"}
     assert "onebase.failure" not in status["stopped"][1] and status["stopped"][1]["onebase.stopped"]
     assert status["broken"][1]["onebase.failure"] == "CUDA out of memory"
 
-
-
-def wait_for(condition, seconds: float, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.5)
 
 
 def all_cpus_free() -> bool:
@@ -250,10 +241,10 @@ def test_a_train_run_left_behind_by_a_stopped_trial_is_reaped_and_its_cpus_come_
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    wait_for(started.exists, 90, "the Train run never started")
+    wait_for(started.exists, "the Train run starts", 90)
     assert not all_cpus_free()
     assert len(reap_orphan_controllers()) == 1
-    wait_for(all_cpus_free, 60, "the reaped run's CPU did not come back")
+    wait_for(all_cpus_free, "the reaped run's CPU comes back", 60)
     thread.join(60)
     assert not thread.is_alive() and "error" in outcome  # its fit() ended: the run is gone, not just hidden
     assert reap_orphan_controllers() == []

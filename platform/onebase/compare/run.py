@@ -370,7 +370,7 @@ def score_draws(spec: CompareSpec, row: Row, uri: str, child: str, out: Path, wo
     from onebase.sweep import report as sweep_report
 
     metric, client, scored = spec.metric_name(), mlflow_run.client(uri), {}
-    for run in sweep_report.child_runs(uri, child):
+    for run in sweep_report.trial_runs(uri, child):
         if run.info.status != "FINISHED":
             continue
         export = download_export(uri, run.info.run_id, out / "draws" / run.info.run_id)

@@ -14,10 +14,15 @@ COLUMNS = ["method", "metric", "trainable_params", "trainable_percent", "adapter
            "tokens_per_s", "trials", "stopped", "run_id"]
 
 
-def child_runs(uri: str, parent: str) -> list[Any]:
+def trial_runs(uri: str, parent: str) -> list[Any]:
+    """The trial runs (tagged onebase.trial) under a sweep's parent run. Other runs can be filed under the
+    same parent (a compare's training row also holds the prompt program that scored its best draw): they
+    are not trials."""
     client = mlflow_run.client(uri)
     run = client.get_run(parent)
-    return client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'",
+                                  max_results=5000)
+    return [c for c in children if "onebase.trial" in c.data.tags]
 
 
 def close_stopped_trials(uri: str, parent: str, errored: set[str]) -> None:
@@ -27,7 +32,7 @@ def close_stopped_trials(uri: str, parent: str, errored: set[str]) -> None:
     only trials Tune itself reports as errored (`errored`: trial ids) stay FAILED.
     """
     client = mlflow_run.client(uri)
-    for run in child_runs(uri, parent):
+    for run in trial_runs(uri, parent):
         stopped = run.info.status == "RUNNING" or (
             run.info.status == "FAILED" and run.data.tags.get("onebase.trial") not in errored)
         if stopped:
@@ -46,7 +51,7 @@ def seconds_logged(client, run) -> float:
 def trial_rows(uri: str, parent: str, metric: str) -> list[dict[str, Any]]:
     client = mlflow_run.client(uri)
     rows = []
-    for run in child_runs(uri, parent):
+    for run in trial_runs(uri, parent):
         metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
         trainable = float(params.get("trainable_params", "nan"))
         total = float(params.get("total_params", "nan"))
