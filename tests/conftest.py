@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,14 @@ def onebase_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 9
 
     return subprocess.run([sys.executable, "-m", "onebase.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def wait_for(check, what: str, timeout_s: float = 60):
+    """Poll `check` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")

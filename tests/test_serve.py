@@ -17,6 +17,7 @@ import requests
 import torch
 
 from adapter_factory import LABELS, make_adapter, reference_model, tiny_base
+from conftest import wait_for
 from onebase.model.build import load_tokenizer
 from onebase.runtime import free_port
 from onebase.serve.artifacts import AdapterError, inspect
@@ -700,16 +701,6 @@ def test_a_request_arriving_mid_generation_finishes_before_a_long_one(server):
 def decoding(url: str, base: str) -> dict:
     """What the base's replica is decoding: running rows, waiting requests, finished per reason."""
     return requests.get(f"{url}/admin/adapters", headers=ADMIN, timeout=60).json()["decoding_on_a_replica"][base]
-
-
-def wait_for(check, what: str, timeout_s: float = 60):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
 
 
 @pytest.mark.slow
