@@ -73,6 +73,11 @@ class LimitSpec(Strict):
     max_tokens: int = Field(256, gt=0, description="new tokens per completion")
     max_inputs: int = Field(64, gt=0, description="texts per /v1/classify request")
     max_n: int = Field(8, gt=0, description="samples per completion request (n)")
+    # Reserved at admission (prompt + max_tokens): running rows cannot be preempted, so the most a
+    # row may grow to is what must fit (serve/kv_budget.py).
+    kv_cache_tokens: int | None = Field(None, gt=0, description="KV-cache positions a replica's running rows may hold "
+                                        "(each reserves prompt + max_tokens, rows padded to their batch's longest); "
+                                        "more wait in the queue. Unset: no bound")
 
 
 class ServeArgs(Strict):

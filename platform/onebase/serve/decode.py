@@ -15,6 +15,10 @@ start of a stop sequence) together with the logprobs of exactly the tokens that 
 token's entry goes out once the text shown goes past its start offset, so the logprobs streamed add
 up to the whole answer's (`_logprobs_within`), stop sequence cut off the same way.
 
+A KV-cache budget (`kv_budget.KvBudget`, unbounded unless the server sets one) decides, with the
+row limit, how many waiting sequences join: each reserves prompt + max_tokens positions, admitted
+in arrival order while they fit.
+
 Prompt-learning adapters (prefix, prompt tuning, P-tuning) rebuild their virtual tokens in every
 PEFT forward, which cannot continue from a cache: their rows run one at a time without a cache
 (each step recomputes the sequence). Slower, same outputs.
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 
 from onebase.errors import error_line
+from onebase.serve.kv_budget import KvBudget
 
 BASE = "__base__"
 
@@ -66,6 +71,7 @@ class Sequence:
     sent: int = 0  # logprob entries handed to on_text
     finish_reason: str | None = None
     cancelled: bool = False
+    kv_waited: bool = False  # held back at least once for room in the KV budget
     generator: torch.Generator | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -92,6 +98,7 @@ class Decoder:
         self.batches: dict[int, _Batch] = {}
         self._lock = threading.Lock()
         self.finished: dict[str, int] = {}  # finish reason -> sequences (cancelled: their client went away)
+        self.kv = KvBudget()  # unbounded; the server's scheduler sets the replica's budget
 
     def submit(self, seq: Sequence) -> Sequence:
         if seq.sampling.temperature > 0:
@@ -119,8 +126,7 @@ class Decoder:
                 if not batch.seqs:
                     del self.batches[key]
             room = len(self.waiting) if max_rows is None else max(0, max_rows - self.running())
-            with self._lock:
-                arrived = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            arrived = self._admit(room)
             groups: dict[int, list[Sequence]] = {}
             for seq in arrived:
                 if seq.cancelled:
@@ -134,6 +140,38 @@ class Decoder:
                 batch.admit(self, seqs)
                 if not batch.seqs:
                     del self.batches[key]
+            self.kv.note(reserved=self.kv.cost({key: batch.seqs for key, batch in self.batches.items()}),
+                         held=self.held())
+
+    def _admit(self, room: int) -> list[Sequence]:
+        """Sequences from the head of the queue, in order, while a row is free and their reservation fits
+        the KV budget beside the running batches. A head that must wait holds back those behind it
+        (no starvation of long requests); one that cannot fit even alone ends with an error."""
+        groups = {key: list(batch.seqs) for key, batch in self.batches.items()}
+        arrived: list[Sequence] = []
+        refused: list[tuple[Sequence, str]] = []
+        with self._lock:
+            while self.waiting and len(arrived) < room:
+                seq = self.waiting[0]
+                if not seq.cancelled:
+                    too_large = self.kv.alone_too_large(seq)
+                    if too_large:
+                        refused.append((self.waiting.popleft(), too_large))
+                        continue
+                    if not self.kv.fits(groups, id(seq.runner), seq):
+                        self.kv.waited += not seq.kv_waited
+                        seq.kv_waited = True
+                        break
+                    groups.setdefault(id(seq.runner), []).append(seq)
+                arrived.append(self.waiting.popleft())
+        for seq, reason in refused:
+            seq.error = reason
+            self.finish(seq, "error")
+        return arrived
+
+    def held(self) -> int:
+        """KV-cache positions the running batches' cache tensors hold now (rows x padded width)."""
+        return sum(len(b.seqs) * b.mask.shape[1] for b in self.batches.values() if b.cache is not None)
 
     def run(self, seqs: list[Sequence]) -> list[dict[str, Any]]:
         """Submit and step until these sequences are done (callers that own the model: tests, benchmarks)."""
@@ -248,6 +286,7 @@ class _Batch:
             self.mask = torch.cat([self.mask, torch.ones(len(self.seqs), 1, dtype=self.mask.dtype)], dim=1)
             positions = (self.mask.sum(-1, keepdim=True) - 1)
             logits = self._forward(ids, self.mask, positions, self.cache, [s.key for s in self.seqs])
+            decoder.kv.note(held=decoder.held())  # finished rows leave after this forward: they count
             decoder.choose(self.seqs, logits)
         self._after(decoder)
 
@@ -269,6 +308,7 @@ class _Batch:
         logits = self._forward(ids, mask, positions, cache, [s.key for s in seqs])
         decoder.choose(seqs, logits)
         self._merge(seqs, cache, mask)
+        decoder.kv.note(held=decoder.held())
         self._after(decoder)
 
     def _after(self, decoder: Decoder) -> None:

@@ -59,7 +59,7 @@ class BaseServer:
         self.limits = LimitSpec.model_validate(limits)
         self.engine = BaseEngine(self.spec.name, self.spec.task, threads=self.spec.threads)
         self.scheduler = Scheduler(self.engine, self.spec.max_batch_size, self.spec.max_queue,
-                                   self.spec.batch_wait_ms / 1000)
+                                   self.spec.batch_wait_ms / 1000, kv_tokens=self.limits.kv_cache_tokens)
         self.catalog, self.tracking_uri = catalog, tracking_uri
         self._reaper: asyncio.Task | None = None
         self.stats = ReplicaStats(self.spec.model_name)
@@ -136,7 +136,8 @@ class BaseServer:
         started, failed, loaded = time.perf_counter(), True, None
         try:
             if model_id:
-                self.stats.lookup(model_id, hit=any(a.tag == model_id for a in self.engine.adapters.values()))
+                if count:  # a warm-up (count=False) is not a request: no cache hit or miss
+                    self.stats.lookup(model_id, hit=any(a.tag == model_id for a in self.engine.adapters.values()))
                 resident = await self.get_adapter(model_id)
                 loaded = self.engine.lease(resident.loaded)
             yield loaded
@@ -228,11 +229,15 @@ class BaseServer:
         if count > self.limits.max_prompt_tokens:
             raise AdapterError(f"prompt is {count} tokens; the limit is {self.limits.max_prompt_tokens}")
         seed = settings.get("seed")
-        return [self.engine.sequence(Row(loaded, text, max_tokens=settings["max_tokens"],
+        seqs = [self.engine.sequence(Row(loaded, text, max_tokens=settings["max_tokens"],
                                          temperature=settings["temperature"], top_p=settings["top_p"],
                                          stop=tuple(settings.get("stop") or ()), logprobs=settings.get("logprobs"),
                                          seed=None if seed is None else seed + i))
                 for i in range(settings.get("n", 1))]
+        too_large = self.scheduler.batcher.kv.alone_too_large(seqs[0])  # the n samples reserve alike
+        if too_large:
+            raise AdapterError(too_large)
+        return seqs
 
 
 def _replica_id() -> str:

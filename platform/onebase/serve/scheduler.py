@@ -4,8 +4,10 @@ Generation requests become sequences of the engine's continuous batcher (`decode
 join the running batch at the next step and leave it when done, so nothing holds the model for a
 whole generation. Classification requests that arrived meanwhile run between two decode steps as
 one batched forward. The queue is bounded: a request that finds `max_queue` others waiting is
-refused (HTTP 429) rather than parked without limit. A request whose caller went away (HTTP
-disconnect cancels the Serve call) is marked cancelled and leaves the batch at the next step.
+refused (HTTP 429) rather than parked without limit. With a KV-cache budget (`kv_tokens`) a request
+also waits in that queue until its reservation fits beside the running rows (`kv_budget.py`). A
+request whose caller went away (HTTP disconnect cancels the Serve call) is marked cancelled and
+leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onebase.serve.artifacts import AdapterError
+from onebase.serve.kv_budget import KvBudget
 
 
 @dataclass
@@ -40,8 +43,9 @@ class QueueFull(AdapterError):
 
 
 class Scheduler:
-    def __init__(self, engine, max_rows: int, max_queue: int, wait_s: float) -> None:
+    def __init__(self, engine, max_rows: int, max_queue: int, wait_s: float, kv_tokens: int | None = None) -> None:
         self.engine, self.batcher = engine, engine.batcher
+        self.batcher.kv = KvBudget(kv_tokens)
         self.max_rows, self.max_queue, self.wait_s = max_rows, max_queue, wait_s
         self.jobs: deque[tuple[str, list, Any, asyncio.AbstractEventLoop]] = deque()  # heads' forwards
         self.wake = threading.Condition()
@@ -51,9 +55,10 @@ class Scheduler:
     # ---- called from the replica's event loop -------------------------------------------------
 
     def load(self) -> dict[str, Any]:
-        """Rows decoding, requests waiting, and sequences finished per reason (cancelled: client gone)."""
+        """Rows decoding, requests waiting, sequences finished per reason (cancelled: client gone), and
+        the KV-cache budget's figures (positions reserved and held, now and at their peak)."""
         return {"running": self.batcher.running(), "waiting": len(self.batcher.waiting),
-                "finished": dict(self.batcher.finished)}
+                "finished": dict(self.batcher.finished), "kv": self.batcher.kv.summary()}
 
     def _admit(self, count: int) -> None:
         waiting = len(self.batcher.waiting) + sum(len(job[1]) for job in self.jobs)
