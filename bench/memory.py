@@ -8,7 +8,8 @@ its peak RSS, and its parameters right after loading (ZeRO-3 loads partitioned: 
 
     .venv/bin/python bench/memory.py                       # stages 0,1,2,3,3+offload x 1,2,4 workers
     .venv/bin/python bench/memory.py --workers 1 2 --steps 2   # what 2 cores hold
-    .venv/bin/python bench/memory.py --workers 4 --stages 2 3 --cpus-per-worker 0.5   # 4 workers on 2 cores
+    .venv/bin/python bench/memory.py --workers 4 --cpus-per-worker 0.5 --merge   # 4 workers on 2 cores, added
+                                                                                     # to the rows already there
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str, cpus_
             **{k: round(metrics[k], 1) for k in keys if k in metrics}, "run_id": result.run_id}
 
 
+def merged(earlier: Path, rows: list[dict]) -> list[dict]:
+    """Earlier rows not measured again (each keeps its own run's `date`), then this run's rows."""
+    key = lambda r: (r["stage"], r["offload"], r["workers"])  # noqa: E731
+    if not earlier.is_file():
+        return rows
+    old = json.loads(earlier.read_text())
+    fresh = {key(r) for r in rows}
+    kept = [{"date": old.get("date"), **r} for r in old.get("rows", []) if key(r) not in fresh]
+    return sorted(kept + rows, key=key)
+
+
 def plot(rows: list[dict], target: Path) -> None:
     import matplotlib
 
@@ -80,6 +92,9 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0,
                         help="Ray CPUs each worker asks for: 0.5 fits 4 workers on 2 cores (each still 1 thread; "
                              "the memory figures do not change, the times are not comparable)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of bench/results/memory.json that this run does not measure again "
+                             "(e.g. 1 and 2 workers from an earlier run) in the JSON and the plot")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onebase-memory-", dir="/tmp"))
     os.chdir(work)
@@ -99,6 +114,8 @@ def main() -> None:
             rows.append(row)
     target = REPO / "bench" / "results"
     target.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        rows = merged(target / "memory.json", rows)
     plot(rows, target / "memory.png")
     import mlflow
 

@@ -72,22 +72,28 @@ def another_ray_on_this_machine():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+# Four methods of different kinds (PEFT LoRA and prompt tuning, onebase's Houlsby, the full fine-tune):
+# every method trains end to end in tests/test_methods.py; here the sweep machinery is what is tested, and
+# each trial pays a Ray Train start, so all ten would only make the suite slower. Adapters first: ASHA
+# lets the first trial at each rung continue, so an adapter trial finishes for the size checks below.
+SWEPT = ("lora", "prompt", "houlsby", "full")
+
+
 @pytest.mark.slow
-def test_sweep_over_every_method_reports_and_registers(ray_cluster, another_ray_on_this_machine, workspace,
-                                                       tmp_path):
+def test_sweep_over_methods_reports_and_registers(ray_cluster, another_ray_on_this_machine, workspace, tmp_path):
     path = write_sweep(tmp_path, methods={
-        **{name: {} for name in sorted(METHODS)},
+        **{name: {} for name in SWEPT},
         "lora": {"r": [2, 4], "train.learning_rate": {"loguniform": [1e-3, 1e-2]}},
         "prompt": {"num_virtual_tokens": {"randint": [4, 8]}, "train.learning_rate": 3e-2},
     })
     sweep, base = load_sweep(path)
     result = run_sweep(sweep, base, path.read_text())
 
-    assert {row["method"] for row in result["table"]} == set(METHODS)
+    assert {row["method"] for row in result["table"]} == set(SWEPT)
     for file in ("report.md", "pareto.png", "report.json"):
         assert (result["report_dir"] / file).stat().st_size > 0
     markdown = (result["report_dir"] / "report.md").read_text()
-    assert all(re.search(rf"^\| {name}( \(stopped\))? \| [\d.]+ \|", markdown, re.M) for name in METHODS)
+    assert all(re.search(rf"^\| {name}( \(stopped\))? \| [\d.]+ \|", markdown, re.M) for name in SWEPT)
 
     client = MlflowClient(tracking_uri=default_tracking_uri())
     parent = client.get_run(result["parent_run_id"])
@@ -95,7 +101,7 @@ def test_sweep_over_every_method_reports_and_registers(ray_cluster, another_ray_
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md",
                                                                                     "report/pareto.png"}
     children = report.trial_runs(default_tracking_uri(), parent.info.run_id)
-    assert len(children) == len(METHODS)
+    assert len(children) == len(SWEPT)
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert finished and all("macro_f1" in c.data.metrics and "adapter_bytes" in c.data.metrics for c in finished)
