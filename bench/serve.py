@@ -374,6 +374,7 @@ def poisson_load(url: str, models: list[str], mix: list[tuple[int, str, int]], r
         return {"p50": statistics.median(values), "p95": percentile(values, 0.95)} if values else {}
 
     return {"requests": len(mix), "failed": len(records) - len(good), "offered_req_per_s": rate,
+            "tokens": sum(r["tokens"] for r in good),
             "tokens_per_event": sum(r["tokens"] for r in good) / max(sum(r["pieces"] for r in good), 1),
             "seconds": elapsed, "req_per_s": len(good) / elapsed, "ttft_s": stat("ttft"),
             "per_token_s": stat("per_token"), "latency_s": stat("latency"), "long_stream": long_stream}
