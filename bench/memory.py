@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +43,9 @@ def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str, cpus_
     started = time.perf_counter()
     result = run_job(spec, JOB.read_text(), tracking_uri=uri, echo=lambda *_: None, progress=False)
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
+    # A full fine-tune's checkpoints (weights + Adam states per worker) and export: ~2 GB a run, 12 runs
+    # filled the disk. Only the MLflow metrics are needed from here on.
+    shutil.rmtree(Path("runs") / name, ignore_errors=True)
     keys = ("model_state_mb_per_worker", "param_mb_per_worker", "optimizer_state_mb_per_worker",
             "peak_rss_mb_per_worker", "loaded_param_mb_per_worker")
     return {"stage": stage, "offload": offload, "workers": workers, "cpus_per_worker": cpus_per_worker,
