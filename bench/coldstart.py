@@ -5,11 +5,12 @@ The shipped default job (jobs/tweet-sentiment-lora.yaml) cut to a few steps. Run
 two PATHs, as happens between a shell with the venv activated and one without (or a Ray node started
 from the venv): the venv's `ninja` first, or the system's. Before the fix each switch recompiled
 DeepSpeed's `shm_comm` op; the bench reports whether its build log changed in each run.
-Where the time goes comes from the worker's own start-up figures in MLflow (startup_* metrics).
+Where the time goes comes from the worker's own start-up figures in MLflow (startup_* metrics: set-up,
+model, tokenize, engine, tracking, the worker's whole way to its first step, and the driver's).
 
     .venv/bin/python bench/coldstart.py                 # 4 runs (2 per PATH), ~4 min on 2 cores
     .venv/bin/python bench/coldstart.py --repeat 1 --steps 5
-    PYTHONPATH=/some/older/checkout/platform .venv/bin/python bench/coldstart.py   # another version's code
+    PYTHONPATH=/some/older/checkout/platform .venv/bin/python bench/coldstart.py --label before  # older code
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2, help="runs per PATH variant")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--label", help="written to bench/results/coldstart-LABEL.json (e.g. 'before' for an "
+                                        "older checkout's code), so one run does not overwrite the other")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onebase-coldstart-", dir="/tmp"))
     cache = Path(os.environ.get("ONEBASE_CACHE", REPO / ".onebase" / "cache"))
@@ -96,8 +99,9 @@ def main() -> None:
            "job": JOB.name, "runs": runs,
            "first_step_s": {"median": statistics.median(firsts), "min": min(firsts), "max": max(firsts)}
            if firsts else None,
-           "rebuilds": sum(r["shm_comm_rebuilt"] for r in runs)}
-    save("coldstart", out)
+           "rebuilds": sum(r["shm_comm_rebuilt"] for r in runs),
+           "code": os.environ.get("PYTHONPATH") or "this checkout"}
+    save(f"coldstart-{args.label}" if args.label else "coldstart", out)
 
 
 if __name__ == "__main__":

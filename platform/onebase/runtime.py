@@ -9,8 +9,10 @@ reach Ray. What only Ray Train needs (its env vars, the pinned ninja) is added b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from onebase.errors import ClusterError, root_cause
@@ -50,14 +52,35 @@ def connect_ray(address: str | None, quiet: bool = False, env: dict[str, str] | 
     init_args, state_api = pin_state_api(target)
     if quiet:
         quiet_driver_loggers()
+    # A fresh local Ray's processes inherit this process's environment: no job-wide runtime env, so
+    # actors without one of their own start on the workers Ray prestarts (one process start less
+    # each). A cluster's workers only get the variables through the runtime env.
+    runtime_env = None if target == "local" else {"env_vars": {**env, **state_api}}
     try:
-        context = ray.init(address=target, runtime_env={"env_vars": {**env, **state_api}}, log_to_driver=not quiet,
-                           configure_logging=True, logging_level="ERROR" if quiet else "WARNING", **init_args)
+        with scoped_environ(state_api if target == "local" else {}):
+            context = ray.init(address=target, runtime_env=runtime_env, log_to_driver=not quiet,
+                               configure_logging=True, logging_level="ERROR" if quiet else "WARNING", **init_args)
     except ConnectionError as err:
         raise ClusterError(f"--address {address}: cannot connect to a Ray cluster ({root_cause(err)})") from None
     url = getattr(context, "dashboard_url", None)
     DASHBOARD_URL = (url if "://" in url else f"http://{url}") if url else None
     return DASHBOARD_URL
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ only while the block runs: the Ray it starts inherits them, while this
+    process (and whatever it starts later, e.g. another onebase command) does not keep them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_ray_address(address: str, source: str = "--address") -> None:

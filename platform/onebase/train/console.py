@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import ray
 
-POLL_S = 0.5
+POLL_S = 0.25  # how late a step shows at most; the board answers in ~1 ms
 PUSH_EVERY_S = 0.5  # rank 0 sends at most this often, plus at log steps, evaluations and the end
 
 

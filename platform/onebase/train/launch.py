@@ -17,7 +17,7 @@ from onebase.manifest import RunInfo, read_run_info, run_info
 from onebase.methods import get_method
 from onebase.spec.schema import JobSpec
 from onebase.tracking import mlflow_run, registry
-from onebase.train import heldout
+from onebase.train import heldout, startup
 from onebase.train.console import Console, ProgressBoard
 from onebase.train.ds_ops import extensions_dir, pin_ninja
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, train_loop_per_worker
@@ -57,7 +57,13 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     echo(f"data: {len(dataset.train)} training / {len(dataset.validation)} validation rows"
          + (f", labels {dataset.labels}" if dataset.labels else ""))
 
+    if not verbose:
+        runtime.quiet_driver_loggers()  # before the store opens on its thread: its set-up lines stay off
+    tracking = startup.TrackingWarmup(uri)  # while Ray starts
     dashboard = connect_ray(address, quiet=not verbose)
+    if is_local(address):
+        startup.prestart_train_actors()  # while the MLflow run opens
+    tracking.wait()
     check_resources(spec)
 
     run_id = previous["mlflow_run_id"] if previous else mlflow_run.start_run(uri, spec, spec_text)
@@ -123,12 +129,12 @@ def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name:
     """`startup_retries`: how many times a worker group that found no resources in time (60 s each,
     RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) is retried before the run fails; -1 waits for ever."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     resources = dict(spec.scaling.resources_per_worker)
     if spec.scaling.use_gpu:
         resources.setdefault("GPU", 1)
-    return TorchTrainer(
+    return startup.trainer_class()(
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -184,9 +190,15 @@ def connect_ray(address: str | None, quiet: bool = False) -> str | None:
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
         # Train V2 also copies print() into its logger, so each progress line reached the driver twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        **{k: os.environ.get(k, v) for k, v in startup.local_train_env(is_local(address)).items()},
     }
     pin_ninja()  # local workers inherit this PATH; workers on other nodes pin their own
     return runtime.connect_ray(address, quiet=quiet, env=env)
+
+
+def is_local(address: str | None) -> bool:
+    """Whether connect_ray(address) starts a fresh Ray on this machine (no cluster named anywhere)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def read_state(job_dir: Path) -> dict[str, str]:

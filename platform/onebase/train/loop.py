@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     startup = Startup(config.get("driver_started"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Rank 0 connects to MLflow (imports, opening the store: ~1 s) on a thread while the model loads.
+    connecting = Tracker.connect(config) if rank == 0 else None
     torch.set_num_threads(config["threads_per_worker"])
     device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
     dataset = ray.get(config["data_ref"])
+    startup.mark("setup")
 
     precision = resolve_precision(spec.deepspeed.precision, spec.scaling.use_gpu)
     ds_config = deepspeed_config(spec, precision)
@@ -77,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = restore(engine)
     startup.mark("engine")
     resumed = step > 0
-    tracker = Tracker(config, rank) if rank == 0 else None
+    tracker = connecting.result() if connecting else None
     if tracker and step > 0:
         tracker.metrics({"resumed_from_step": step}, step)
     if tracker and step == 0:
@@ -86,6 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "partitioned_loading": partitioning is not None})
         # What this worker held right after loading: its shard under ZeRO-3, the whole model otherwise.
         tracker.metrics({"loaded_param_mb_per_worker": param_bytes / 2**20}, 0)
+    startup.mark("tracking")  # waiting for the MLflow connection, then the run's first params
     num_labels = len(dataset.labels) if dataset.labels else None
     groups = source_names(dataset.validation)  # a mixture: metrics per source too
     board = config.get("progress_board")  # the driver's console; absent in sweep trials
@@ -275,8 +281,9 @@ def maybe_fail(step: int, config: dict[str, Any], resumed: bool) -> None:
 
 class Startup:
     """Where a run's start-up time goes, from this worker's side (seconds, logged at the first step):
-    model load, tokenisation, DeepSpeed engine (process group, shm_comm op), and the whole way from the
-    driver's command to the first step."""
+    set-up (the data from the object store), model load, tokenisation, DeepSpeed engine (process group,
+    shm_comm op), tracking (what of the MLflow connection the model load did not hide, the first
+    params), and the whole way from the driver's command to the first step."""
 
     def __init__(self, driver_started: float | None) -> None:
         self.driver_started, self.last, self.pending = driver_started, time.time(), True
@@ -317,12 +324,27 @@ class Window:
 class Tracker:
     """Rank 0 logs step metrics straight into the MLflow run the driver opened."""
 
-    def __init__(self, config: dict[str, Any], rank: int) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
 
         self.uri = config["tracking_uri"]
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id = config["mlflow_run_id"]
+        self.client.get_run(self.run_id)  # opens the store now (and fails early if the run is gone)
+
+    @classmethod
+    def connect(cls, config: dict[str, Any]) -> Future:
+        """A Tracker made on a thread: `.result()` returns it (or raises what making it raised)."""
+        future: Future = Future()
+
+        def make() -> None:
+            try:
+                future.set_result(cls(config))
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits for it
+                future.set_exception(err)
+
+        threading.Thread(target=make, name="onebase-tracker", daemon=True).start()
+        return future
 
     def params(self, params: dict[str, Any]) -> None:
         mlflow_run.log_params(self.client, self.run_id, params)
