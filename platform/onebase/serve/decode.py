@@ -19,9 +19,12 @@ A KV-cache budget (`kv_budget.KvBudget`, unbounded unless the server sets one) d
 row limit, how many waiting sequences join: each reserves prompt + max_tokens positions, admitted
 in arrival order while they fit.
 
-Prompt-learning adapters (prefix, prompt tuning, P-tuning) rebuild their virtual tokens in every
-PEFT forward, which cannot continue from a cache: their rows run one at a time without a cache
-(each step recomputes the sequence). Slower, same outputs.
+Prompt-learning adapters (prefix, prompt tuning, P-tuning) are rows like the others: their virtual
+tokens are computed once per adapter (`virtual.py`); a soft prompt is prefilled in front of each
+prompt (attention mask extended), a prefix is the cache the prompt continues from, and every later
+step decodes from the KV cache on the bare base. Rows of one such adapter share a batch.
+`Decoder.recompute_prompts` brings back the old path (rows one at a time, each step recomputing
+the whole sequence through PEFT's forward) for the benchmark's comparison.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 
 from onebase.errors import error_line
 from onebase.serve.kv_budget import KvBudget
+from onebase.serve.virtual import prompt_learning
 
 BASE = "__base__"
 
@@ -99,6 +103,7 @@ class Decoder:
         self._lock = threading.Lock()
         self.finished: dict[str, int] = {}  # finish reason -> sequences (cancelled: their client went away)
         self.kv = KvBudget()  # unbounded; the server's scheduler sets the replica's budget
+        self.recompute_prompts = False  # True: prompt-learning rows the old way (bench/serve.py compares)
 
     def submit(self, seq: Sequence) -> Sequence:
         if seq.sampling.temperature > 0:
@@ -136,7 +141,7 @@ class Decoder:
             for key, seqs in groups.items():
                 batch = self.batches.get(key)
                 if batch is None:
-                    batch = self.batches[key] = _Batch(seqs[0].runner)
+                    batch = self.batches[key] = _Batch(seqs[0].runner, self.recompute_prompts)
                 batch.admit(self, seqs)
                 if not batch.seqs:
                     del self.batches[key]
@@ -262,13 +267,15 @@ class Decoder:
 class _Batch:
     """The rows running on one model: their KV cache (rows x positions, left-padded) and mask."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner, recompute_prompts: bool = False) -> None:
         self.runner = runner
         self.seqs: list[Sequence] = []
         self.cache = None
         self.mask: torch.Tensor | None = None
         self.last: list[int] = []
-        self.cached = not _prompt_learning(runner.model)
+        # Prompt-learning rows run on the bare base from their virtual tokens (None: recomputed).
+        self.virtual = None if recompute_prompts else getattr(runner, "virtual", None)
+        self.cached = self.virtual is not None or not prompt_learning(runner.model)
 
     def decode(self, decoder: Decoder) -> None:
         live = [i for i, s in enumerate(self.seqs) if s.finish_reason is None and not s.cancelled]
@@ -303,9 +310,12 @@ class _Batch:
         pad = decoder.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
         mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self._forward(ids, mask, positions, cache, [s.key for s in seqs])
+        if self.virtual is not None:
+            logits, cache, mask = self._prefill_virtual(ids, mask)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            logits = self._forward(ids, mask, positions, cache, [s.key for s in seqs])
         decoder.choose(seqs, logits)
         self._merge(seqs, cache, mask)
         decoder.kv.note(held=decoder.held())
@@ -316,8 +326,27 @@ class _Batch:
         self._keep([i for i, s in enumerate(self.seqs) if s.finish_reason is None])
         self.last = [s.tokens[-1] for s in self.seqs]
 
+    def _prefill_virtual(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Prefill behind the adapter's virtual tokens, laid out as PEFT does ([virtual, padding, prompt],
+        their mask columns ones): a soft prompt enters as input embeddings, a prefix as the cache. Positions
+        count the virtual tokens, as PEFT's own (cache-less) forward and its generate do."""
+        virtual = self.virtual
+        mask = torch.cat([torch.ones(len(ids), virtual.count, dtype=mask.dtype), mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = virtual.cache(len(ids))
+        if virtual.prefix is not None:
+            out = virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions[:, virtual.count:],
+                               past_key_values=cache, use_cache=True)
+        else:
+            out = virtual.base(inputs_embeds=virtual.inputs(ids), attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], cache, mask
+
     def _forward(self, ids, mask, positions, cache, keys: list[str | None]) -> torch.Tensor:
         runner = self.runner
+        if self.virtual is not None:  # after prefill a prompt-learning row is a plain row of the base
+            return self.virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True).logits[:, -1]
         kwargs: dict[str, Any] = {}
         gathered = runner.gathered if runner.mixed and runner.gathered is not None and runner.gathered.covers(keys) \
             else None
@@ -409,11 +438,6 @@ def _eos_ids(engine) -> set[int]:
     configured = getattr(getattr(engine.base, "generation_config", None), "eos_token_id", None)
     ids |= set(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
-
-
-def _prompt_learning(model) -> bool:
-    config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def _one_line(err: BaseException) -> str:

@@ -35,6 +35,7 @@ from onebase.serve.decode import Decoder, Sampling, Sequence
 from onebase.serve.gathered import GatheredLora
 from onebase.serve.heads import HEADS
 from onebase.serve.lora_pool import LoraPool
+from onebase.serve.virtual import VirtualTokens, virtual_tokens
 from onebase.spec.schema import PromptSpec
 from onebase.tasks import ROUTES
 
@@ -65,6 +66,7 @@ class Runner:
     keys: set[str] = field(default_factory=set)
     lora: LoraPool | None = None
     gathered: GatheredLora | None = None  # causal-lm pools: plain LoRA rows run gathered
+    virtual: VirtualTokens | None = None  # a prompt-learning causal LM's virtual tokens, computed at load
 
 
 @dataclass
@@ -187,7 +189,8 @@ class BaseEngine:
         view = self.view(info.task, labels, private=private)
         model = get_method(info.method).load(view, info.path).eval()
         _require_loaded(model, info)
-        return Runner(model, info.task, labels, mixed=False, keys={key})
+        virtual = virtual_tokens(model) if info.task == "causal-lm" else None
+        return Runner(model, info.task, labels, mixed=False, keys={key}, virtual=virtual)
 
     def _detach(self, loaded: Loaded) -> None:
         with self.lock:
@@ -198,6 +201,8 @@ class BaseEngine:
                 runner.gathered.remove(loaded.key)
             if runner.lora is not None:
                 runner.lora.remove(loaded.key)
+            if not runner.mixed:
+                runner.virtual = None  # its own runner: nothing decodes on it any more
 
     def view(self, task: str, labels: list[str] | None, private: set[str] = frozenset()) -> nn.Module:
         """A model for `task` whose parameters are this base's tensors; the head (and `private`

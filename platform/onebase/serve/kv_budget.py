@@ -24,8 +24,10 @@ from typing import Any
 
 
 def reservation(seq) -> int:
-    """Cache positions a sequence may need before it ends: its prompt and every token it may generate."""
-    return len(seq.prompt) + seq.sampling.max_tokens
+    """Cache positions a sequence may need before it ends: its prompt and every token it may generate
+    (behind a prompt-learning adapter's virtual tokens, which hold cache positions too)."""
+    virtual = getattr(seq.runner, "virtual", None)
+    return len(seq.prompt) + seq.sampling.max_tokens + (virtual.count if virtual is not None else 0)
 
 
 def batch_cost(seqs: Iterable) -> int:
