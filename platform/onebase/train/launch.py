@@ -75,7 +75,7 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
 
     board = ProgressBoard.remote() if progress else None
     try:
-        return train_once(spec, model_path, dataset, uri, run_id, job_dir, ray_name,
+        return train_once(spec, model_path, dataset, uri, run_id, job_dir, ray_name, alone=is_local(address),
                           extra_config={"driver_started": started, "progress_board": board},
                           after_export=heldout.after_export(spec, uri, run_id, echo, checked.held_out),
                           console=Console(board, spec.train.log_every_steps) if board else None)
@@ -93,12 +93,12 @@ class TrainingFailed(OnebaseError):
 
 
 def train_once(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str, job_dir: Path, run_name: str, *,
-               register: bool = True, callbacks=(), startup_retries: int = -1,
+               register: bool = True, callbacks=(), startup_retries: int = -1, alone: bool = False,
                extra_config: dict[str, Any] | None = None, console=None, after_export=None) -> RunResult:
     """One Ray Train run of a checked `spec` into MLflow run `run_id`, then its export collected,
     logged and (with `register`) registered: the core of `onebase run` and of every sweep trial.
 
-    `callbacks`, `startup_retries`: see make_trainer; `extra_config`: more for the workers' config;
+    `callbacks`, `startup_retries`, `alone`: see make_trainer; `extra_config`: more for the workers' config;
     `console`: a context manager around training (the live progress display). A failure is marked
     on the MLflow run and raised as TrainingFailed. `after_export(export_dir, info) -> info`: runs on
     the export before it is logged (held-out evaluation, train/heldout.py)."""
@@ -106,7 +106,7 @@ def train_once(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str, j
     try:
         with console or contextlib.nullcontext():
             result = make_trainer(spec, config, job_dir, run_name, callbacks=callbacks,
-                                  startup_retries=startup_retries).fit()
+                                  startup_retries=startup_retries, alone=alone).fit()
     except Exception as err:  # Ray wraps worker errors; report the root cause in one line
         reason = root_cause(err)
         mlflow_run.fail_run(uri, run_id, reason)
@@ -125,16 +125,17 @@ def worker_config(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str
 
 
 def make_trainer(spec: JobSpec, config: dict[str, Any], job_dir: Path, ray_name: str, callbacks=(),
-                 startup_retries: int = -1):
+                 startup_retries: int = -1, alone: bool = False):
     """`startup_retries`: how many times a worker group that found no resources in time (60 s each,
-    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) is retried before the run fails; -1 waits for ever."""
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) is retried before the run fails; -1 waits for ever.
+    `alone`: the only run on a Ray this process started (startup.trainer_class)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     resources = dict(spec.scaling.resources_per_worker)
     if spec.scaling.use_gpu:
         resources.setdefault("GPU", 1)
-    return startup.trainer_class()(
+    return startup.trainer_class(alone_on_local_ray=alone)(
         train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),

@@ -38,23 +38,29 @@ def prestart_train_actors() -> None:
     get_or_create_autoscaling_coordinator()
 
 
-def trainer_class():
-    """TorchTrainer without Ray Data's dataset manager when a run passes no Ray Datasets (onebase
-    never does: its data travels in the object store): that actor's process started beside the
-    workers' start-up and did nothing."""
+def trainer_class(alone_on_local_ray: bool = False):
+    """TorchTrainer without the actors of Ray Train's that do nothing for this run, each a process
+    starting beside (and queued with) the workers':
+
+    - Ray Data's dataset manager, when the run passes no Ray Datasets (onebase never does: its data
+      travels in the object store);
+    - with `alone_on_local_ray` (`onebase run` on the Ray it started itself), the placement-group
+      cleaner, which frees a worker group's resources should the controller die while Ray lives on:
+      that Ray ends with this run's driver. Sweeps keep it: Tune stops trials by killing them."""
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # another Ray: its default callbacks as they are
         return TorchTrainer
+    idle = (PlacementGroupCleanerCallback,) if alone_on_local_ray else ()
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             callbacks = super()._create_default_callbacks()
-            if getattr(self, "datasets", None):
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            unused = idle if getattr(self, "datasets", None) else (DatasetsCallback, *idle)
+            return [c for c in callbacks if not isinstance(c, unused)] if unused else callbacks
 
     return Trainer
 
