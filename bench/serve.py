@@ -18,6 +18,11 @@
     .venv/bin/python bench/serve.py                 # ~5 min on 2 cores
     .venv/bin/python bench/serve.py --requests 32   # quicker, noisier
     .venv/bin/python bench/serve.py --engine --poisson 40 --rate 4   # (d)-(f) only -> bench/results/serve-12.json
+    .venv/bin/python bench/serve.py --prompt-learning   # (g) only -> bench/results/serve-12-prompt-learning.json
+
+(g) issue #12, engine level: tokens/s of a batch of 8 requests to one prompt-tuning and to one
+    prefix-tuning adapter (16 virtual tokens each), decoded from the KV cache as batcher rows, beside
+    the old path (rows one at a time, every step recomputing the sequence through PEFT's forward).
 Prints and writes bench/results/serve.json (serve-12.json for the issue #12 figures).
 """
 
@@ -448,6 +453,70 @@ def issue12(args) -> None:
     print(f"wrote {out_dir / 'serve-12.json'}")
 
 
+def make_prompt_learning_adapters(root: Path, virtual: int = 16) -> dict[str, Path]:
+    """A prompt-tuning and a prefix-tuning adapter on SmolLM2 with random virtual tokens, in PEFT format."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from onebase.model.assets import smollm2_path
+    from onebase.model.build import base_fingerprint
+
+    configs = {"prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual),
+               "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual)}
+    paths = {name: root / name for name in configs}
+    for name, config in configs.items():
+        if (paths[name] / "adapter_model.safetensors").is_file():
+            continue
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+        torch.manual_seed(5)
+        tuned = get_peft_model(model, config)
+        with torch.no_grad():  # on the scale of the model's own embeddings / activations
+            for param in tuned.parameters():
+                if param.requires_grad:
+                    param.normal_(0, 0.05)
+        tuned.save_pretrained(paths[name])
+        (paths[name] / "onebase.json").write_text(json.dumps({
+            "task": "causal-lm", "method": name, "labels": None, "base_fingerprint": base_fingerprint(model)}))
+    return paths
+
+
+def prompt_learning_throughput(args) -> None:
+    """(g): tokens/s of `--batch` requests to one prompt-learning adapter, cached rows vs recomputed."""
+    from onebase.serve.artifacts import inspect
+    from onebase.serve.engine import BaseEngine, Row
+
+    out_dir = REPO / "bench" / "results"
+    paths = make_prompt_learning_adapters(out_dir / "serve-adapters-prompt-learning")
+    engine = BaseEngine("smollm2-135m-instruct", threads=2)
+    texts = [engine.render_chat([{"role": "user", "content": p}], None) for p in PROMPTS]
+    figures: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}"
+                                " (shared with other jobs while measured)",
+                     "date": time.strftime("%Y-%m-%d"), "model": "SmolLM2-135M-Instruct fp32",
+                     "batch": args.batch, "new_tokens": args.new_tokens, "virtual_tokens": 16}
+    for name, path in paths.items():
+        adapter = engine.load(name, inspect(path))
+        rows = [Row(adapter, texts[k % len(texts)], max_tokens=args.new_tokens) for k in range(args.batch)]
+        answers = {}
+        for way in ("recomputed", "cached"):
+            engine.batcher.recompute_prompts = way == "recomputed"
+            started = time.perf_counter()
+            results = engine.generate(rows)
+            seconds = time.perf_counter() - started
+            tokens = sum(r["completion_tokens"] for r in results)
+            answers[way] = [r["text"] for r in results]
+            figures[f"{name}_{way}"] = {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
+            print(json.dumps({f"{name}_{way}": figures[f"{name}_{way}"]}), flush=True)
+        engine.batcher.recompute_prompts = False
+        figures[f"{name}_same_answers"] = answers["recomputed"] == answers["cached"]
+        figures[f"{name}_cached_over_recomputed"] = (figures[f"{name}_cached"]["tokens_per_s"]
+                                                     / figures[f"{name}_recomputed"]["tokens_per_s"])
+        engine.unload(adapter)
+    print(json.dumps({k: v for k, v in figures.items() if "_over_" in k or "_same_" in k}, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "serve-12-prompt-learning.json").write_text(json.dumps(figures, indent=2))
+    print(f"wrote {out_dir / 'serve-12-prompt-learning.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput setting")
@@ -459,9 +528,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24, help="(d): new tokens per row")
     parser.add_argument("--rounds", type=int, default=2, help="(d): batches per setting")
     parser.add_argument("--counts", default="1,10,100", help="(d): distinct adapters resident, comma-separated")
+    parser.add_argument("--prompt-learning", action="store_true",
+                        help="issue #12 (g): prompt/prefix-tuning rows, cached vs recomputed")
+    parser.add_argument("--batch", type=int, default=8, help="(g): requests in the batch")
     args = parser.parse_args()
     os.chdir(REPO)
     torch.set_num_threads(2)
+    if args.prompt_learning:
+        return prompt_learning_throughput(args)
     if args.engine or args.poisson:
         return issue12(args)
     out_dir = REPO / "bench" / "results"
