@@ -57,6 +57,8 @@ def virtual_tokens(model: nn.Module) -> VirtualTokens | None:
     prompt = model.get_prompt(batch_size=1)
     tokens = VirtualTokens(config.num_virtual_tokens, model.get_base_model())
     if config.peft_type == "PREFIX_TUNING":
+        if not hasattr(prompt, "layers"):
+            return None  # a cache of another kind (encoder-decoder): its rows are recomputed
         tokens.prefix = [(layer.keys.clone(), layer.values.clone()) for layer in prompt.layers]
     else:
         tokens.embeds = prompt[0].clone()
