@@ -46,8 +46,7 @@ def connect_ray(address: str | None, quiet: bool = False, env: dict[str, str] | 
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("ONEBASE_CACHE")})
     os.environ.update(env)  # e.g. the Train controller runs in this job's processes too
-    # No address: a fresh local Ray, never whichever cluster `ray start` left on this machine.
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    target = ray_target(address)
     check_ray_address(target, "--address" if address else "RAY_ADDRESS")
     init_args, state_api = pin_state_api(target)
     if quiet:
@@ -65,6 +64,12 @@ def connect_ray(address: str | None, quiet: bool = False, env: dict[str, str] | 
     url = getattr(context, "dashboard_url", None)
     DASHBOARD_URL = (url if "://" in url else f"http://{url}") if url else None
     return DASHBOARD_URL
+
+
+def ray_target(address: str | None) -> str:
+    """What connect_ray(address) joins: the address, else $RAY_ADDRESS, else "local" (a fresh local Ray,
+    never whichever cluster `ray start` left on this machine)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 @contextlib.contextmanager
