@@ -46,7 +46,8 @@ def connect_ray(address: str | None, quiet: bool = False, env: dict[str, str] | 
     }
     env.update({k: v for k, v in os.environ.items() if k.startswith("ONEBASE_CACHE")})
     os.environ.update(env)  # e.g. the Train controller runs in this job's processes too
-    target = ray_target(address)
+    # No address: a fresh local Ray, never whichever cluster `ray start` left on this machine.
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
     check_ray_address(target, "--address" if address else "RAY_ADDRESS")
     init_args, state_api = pin_state_api(target)
     if quiet:
@@ -64,12 +65,6 @@ def connect_ray(address: str | None, quiet: bool = False, env: dict[str, str] | 
     url = getattr(context, "dashboard_url", None)
     DASHBOARD_URL = (url if "://" in url else f"http://{url}") if url else None
     return DASHBOARD_URL
-
-
-def ray_target(address: str | None) -> str:
-    """What connect_ray(address) joins: the address, else $RAY_ADDRESS, else "local" (a fresh local Ray,
-    never whichever cluster `ray start` left on this machine)."""
-    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 @contextlib.contextmanager

@@ -59,11 +59,11 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
 
     if not verbose:
         runtime.quiet_driver_loggers()  # before the store opens on its thread: its set-up lines stay off
-    tracking = startup.in_background(startup.open_store, uri)  # while Ray starts
+    tracking = startup.TrackingWarmup(uri)  # while Ray starts
     dashboard = connect_ray(address, quiet=not verbose)
     if is_local(address):
         startup.prestart_train_actors()  # while the MLflow run opens
-    tracking.result()
+    tracking.wait()
     check_resources(spec)
 
     run_id = previous["mlflow_run_id"] if previous else mlflow_run.start_run(uri, spec, spec_text)
@@ -199,7 +199,7 @@ def connect_ray(address: str | None, quiet: bool = False) -> str | None:
 
 def is_local(address: str | None) -> bool:
     """Whether connect_ray(address) starts a fresh Ray on this machine (no cluster named anywhere)."""
-    return runtime.ray_target(address) == "local"
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def read_state(job_dir: Path) -> dict[str, str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,6 @@ from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
 from onebase.train.ds_ops import pin_ninja
 from onebase.train.evaluate import evaluate
 from onebase.train.memory import memory_per_worker, peak_rss_mb
-from onebase.train.startup import in_background
 from onebase.train.zero3 import partitioned_loading, resident_param_bytes
 
 STATE_FILE = "onebase_state.json"
@@ -49,7 +50,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Rank 0 connects to MLflow (imports, opening the store: ~1 s) on a thread while the model loads.
-    connecting = in_background(Tracker, config) if rank == 0 else None
+    connecting = Tracker.connect(config) if rank == 0 else None
     torch.set_num_threads(config["threads_per_worker"])
     device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
     dataset = ray.get(config["data_ref"])
@@ -330,6 +331,20 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id = config["mlflow_run_id"]
         self.client.get_run(self.run_id)  # opens the store now (and fails early if the run is gone)
+
+    @classmethod
+    def connect(cls, config: dict[str, Any]) -> Future:
+        """A Tracker made on a thread: `.result()` returns it (or raises what making it raised)."""
+        future: Future = Future()
+
+        def make() -> None:
+            try:
+                future.set_result(cls(config))
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits for it
+                future.set_exception(err)
+
+        threading.Thread(target=make, name="onebase-tracker", daemon=True).start()
+        return future
 
     def params(self, params: dict[str, Any]) -> None:
         mlflow_run.log_params(self.client, self.run_id, params)

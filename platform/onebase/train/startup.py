@@ -9,8 +9,6 @@ time, so each process Ray Train starts on the way to the first step delays it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 from onebase.tracking import mlflow_run
@@ -67,25 +65,21 @@ def trainer_class(alone_on_local_ray: bool = False):
     return Trainer
 
 
-def in_background(fn: Callable[..., Any], *args: Any) -> Future:
-    """fn(*args) on a daemon thread, beside the start-up work that follows; the Future's `.result()`
-    returns what it returned or raises what it raised."""
-    future: Future = Future()
+class TrackingWarmup:
+    """Open the MLflow store (the first connection creates or checks the database schema, ~1-2 s)
+    on a thread while Ray starts, so opening the run afterwards is quick. Nothing is written that
+    opening the run would not write."""
 
-    def run() -> None:
+    def __init__(self, uri: str) -> None:
+        self.thread = threading.Thread(target=self._open, args=(uri,), name="onebase-mlflow-warmup", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _open(uri: str) -> None:
         try:
-            future.set_result(fn(*args))
-        except BaseException as err:  # noqa: BLE001 - handed to whoever waits for it
-            future.set_exception(err)
+            mlflow_run.client(uri).search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - opening the run reports the store's problem in one line
+            pass
 
-    threading.Thread(target=run, name=f"onebase-{getattr(fn, '__name__', 'start-up')}", daemon=True).start()
-    return future
-
-
-def open_store(uri: str) -> None:
-    """Open the MLflow store (the first connection creates or checks the database schema, ~1-2 s), so
-    opening the run afterwards is quick. Nothing is written that opening the run would not write."""
-    try:
-        mlflow_run.client(uri).search_experiments(max_results=1)
-    except Exception:  # noqa: BLE001 - opening the run reports the store's problem in one line
-        pass
+    def wait(self) -> None:
+        self.thread.join()
