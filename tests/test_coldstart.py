@@ -4,9 +4,14 @@ The timing itself is bench/coldstart.py's (docs/benchmarks.md); here, the pieces
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import subprocess
+import sys
+import time
 
+import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
@@ -14,8 +19,11 @@ from ray.util.state import list_actors
 from conftest import tiny_spec
 from onebase import runtime
 from onebase.spec import parse_spec
+from onebase.tracking import mlflow_run
+from onebase.train.console import Console, ProgressBoard
 from onebase.train.ds_ops import extensions_dir
 from onebase.train.launch import run_job
+from onebase.train.tracker import Recorder, Relayed
 
 
 @ray.remote(num_cpus=0)
@@ -55,3 +63,51 @@ def test_local_run_starts_only_the_actors_training_needs_and_workers_inherit_its
                                           "to_first_step")}
     assert phases <= set(metrics), sorted(set(metrics))
     assert metrics["startup_to_first_step_s"] > metrics["startup_worker_s"] > 0
+
+
+def test_rank_0_logs_to_mlflow_through_the_drivers_board(ray_cluster, workspace):
+    """With a progress board (`onebase run`), rank 0 relays its params and metrics and the driver writes
+    them into the run, at the step and time rank 0 measured them (so the worker needs no MLflow of its own)."""
+    spec = parse_spec(tiny_spec("tiny-relay"))
+    uri = f"sqlite:///{workspace / 'relay.db'}"
+    run_id = mlflow_run.start_run(uri, spec, "name: tiny-relay")
+    board = ProgressBoard.remote()
+    relayed = Relayed(board)  # what rank 0 holds
+    relayed.params({"trainable_params": 74883, "precision": "fp32"})
+    relayed.metrics({"loss": 1.25, "startup_model_s": 2.5}, 3)
+    pushed_ms = int(time.time() * 1000)
+    time.sleep(0.3)  # the driver writes them later, when its console drains the board
+    with Console(board, log_every=1, out=io.StringIO(), live=False, record=Recorder(uri, run_id)):
+        relayed.metrics({"loss": 0.75}, 4)
+        relayed.flush()  # the last events are on the board before the block ends (and drains it)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params["trainable_params"] == "74883" and run.data.params["precision"] == "fp32"
+    assert run.data.metrics["startup_model_s"] == 2.5
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(3, 1.25), (4, 0.75)]
+    assert history[0].timestamp <= pushed_ms  # when rank 0 measured it, not when the driver wrote it
+
+    # A store that refuses what the driver writes fails the block, as it failed the worker that logged itself.
+    board = ProgressBoard.remote()
+    with pytest.raises(Exception, match="nope"):
+        with Console(board, log_every=1, out=io.StringIO(), live=False, record=Recorder(uri, "nope")):
+            Relayed(board).metrics({"loss": 1.0}, 1)
+            ray.get(board.push.remote({"kind": "step", "step": 1, "total": 1, "loss": 1.0, "lr": 0.0,
+                                       "tokens_per_s": 1.0, "samples_per_s": 1.0}))
+
+
+def test_a_worker_that_relays_imports_deepspeed_without_mlflow():
+    """DeepSpeed's autotuner imports MLflow (~0.8 s of each worker's start) only to log autotuning runs;
+    a worker that does not log to MLflow itself imports DeepSpeed without it, and MLflow still imports
+    afterwards should anything ask for it. A worker that logs itself gets DeepSpeed as it always did."""
+    probe = ("import sys; from onebase.train.ds_ops import import_deepspeed; import_deepspeed(without_mlflow={}); "
+             "import deepspeed.autotuning.autotuner as tuner; print('mlflow' in sys.modules, tuner.has_mlflow); "
+             "import mlflow; print(mlflow.get_tracking_uri is not None)")
+
+    def imported(without_mlflow: bool) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", probe.format(without_mlflow)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout
+        return out.split()[-3:]
+
+    assert imported(True) == ["False", "False", "True"]
+    assert imported(False) == ["True", "True", "True"]

@@ -77,13 +77,15 @@ def start_sweep_run(uri: str, experiment: str, name: str, sweep_text: str) -> st
     return run.info.run_id
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0, mlflow_client=None) -> None:
-    """One batch of metrics at `step`; `mlflow_client`: one the caller holds (the training workers')."""
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0, mlflow_client=None,
+                at_ms: int | None = None) -> None:
+    """One batch of metrics at `step`; `mlflow_client`: one the caller holds (the training workers');
+    `at_ms`: when they were measured, for metrics logged later on another's behalf (default: now)."""
     import time
 
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = at_ms if at_ms is not None else int(time.time() * 1000)
     (mlflow_client or client(uri)).log_batch(run_id, metrics=[Metric(k, float(v), now, step)
                                                                for k, v in metrics.items()])
 

@@ -2,7 +2,8 @@
 
 Rank 0 pushes small events (step, loss, lr, throughput; evaluation results) to a `ProgressBoard`
 actor; a thread on the driver drains it and draws them: a tqdm bar on a terminal, plain lines every
-`log_every_steps` elsewhere (CI, `onebase jobs logs`). Worker log lines play no part in it.
+`log_every_steps` elsewhere (CI, `onebase jobs logs`). Worker log lines play no part in it. Rank 0's
+MLflow params and metrics travel the same way and the driver writes them (train/tracker.py).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import ray
+
+from onebase.train.tracker import METRICS, PARAMS
 
 POLL_S = 0.25  # how late a step shows at most; the board answers in ~1 ms
 PUSH_EVERY_S = 0.5  # rank 0 sends at most this often, plus at log steps, evaluations and the end
@@ -72,10 +76,15 @@ def eval_line(event: dict[str, Any]) -> str:
 
 
 class Console:
-    """The driver's side: a thread that draws the board's events until `close()`."""
+    """The driver's side: a thread that draws the board's events until `close()`.
 
-    def __init__(self, board, log_every: int, out: TextIO | None = None, live: bool | None = None) -> None:
-        self.board, self.log_every, self.out = board, log_every, out or sys.stdout
+    `record`: writes rank 0's MLflow events (train/tracker.py Recorder); one that fails is raised
+    when the block ends, as it would have failed the worker that logged itself."""
+
+    def __init__(self, board, log_every: int, out: TextIO | None = None, live: bool | None = None,
+                 record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.board, self.log_every, self.out, self.record = board, log_every, out or sys.stdout, record
+        self.record_error: Exception | None = None
         self.live = self.out.isatty() if live is None else live
         self.bar = None
         self.began = time.monotonic()
@@ -93,6 +102,8 @@ class Console:
         self.drain()  # what arrived after the last poll
         if self.bar is not None:
             self.bar.close()
+        if self.record_error is not None and exc[0] is None:
+            raise self.record_error
 
     def _run(self) -> None:
         while not self.stop.wait(POLL_S):
@@ -107,6 +118,9 @@ class Console:
             self.show(event)
 
     def show(self, event: dict[str, Any]) -> None:
+        if event["kind"] in (PARAMS, METRICS):
+            self.log(event)
+            return
         if event["kind"] == "eval":
             self.write(eval_line(event))
             return
@@ -116,6 +130,14 @@ class Console:
             self.draw_bar(event)
         elif event["step"] % self.log_every == 0 or event["step"] == event["total"]:
             self.write(self.plain_line(event))
+
+    def log(self, event: dict[str, Any]) -> None:
+        if self.record is None or self.record_error is not None:
+            return
+        try:
+            self.record(event)
+        except Exception as err:  # noqa: BLE001 - raised when the block ends, not in this thread
+            self.record_error = err
 
     def draw_bar(self, event: dict[str, Any]) -> None:
         from tqdm.auto import tqdm

@@ -28,6 +28,26 @@ def pin_ninja() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
 
 
+def import_deepspeed(without_mlflow: bool) -> None:
+    """Import DeepSpeed now; `without_mlflow`: for a process that never logs to MLflow itself (a
+    training worker whose rank 0 relays through the driver's board, train/tracker.py).
+
+    DeepSpeed's runtime config imports its autotuning package, whose autotuner imports MLflow if it
+    can, only to log autotuning experiments, which a training engine never runs: ~0.8 s of the ~1 s
+    DeepSpeed import on the 2-core machine, on each worker's way to its first step. A None entry in
+    sys.modules makes that `import mlflow` fail (DeepSpeed then goes without, as where MLflow is not
+    installed); the entry is removed afterwards, so a later `import mlflow` here works as usual."""
+    if not without_mlflow or "mlflow" in sys.modules or "deepspeed" in sys.modules:
+        import deepspeed  # noqa: F401
+        return
+    sys.modules["mlflow"] = None  # type: ignore[assignment]
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+
+
 def extensions_dir() -> str:
     """Where torch keeps JIT-built ops: $TORCH_EXTENSIONS_DIR, else under onebase's cache."""
     from onebase.model.assets import cache_dir

@@ -22,6 +22,7 @@ from onebase.train.console import Console, ProgressBoard
 from onebase.train.ds_ops import extensions_dir, pin_ninja
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, train_loop_per_worker
 from onebase.train.preflight import check_method_base, preflight
+from onebase.train.tracker import Recorder
 
 # Moved to onebase.runtime; still importable from here.
 check_resources, root_cause = runtime.check_resources, runtime.root_cause
@@ -78,7 +79,8 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
         return train_once(spec, model_path, dataset, uri, run_id, job_dir, ray_name, alone=is_local(address),
                           extra_config={"driver_started": started, "progress_board": board},
                           after_export=heldout.after_export(spec, uri, run_id, echo, checked.held_out),
-                          console=Console(board, spec.train.log_every_steps) if board else None)
+                          console=Console(board, spec.train.log_every_steps, record=Recorder(uri, run_id))
+                          if board else None)
     except TrainingFailed as err:
         hint = "" if verbose else " (--verbose shows the workers' logs)"
         raise OnebaseError(f"training failed: {err.reason}{hint}") from err

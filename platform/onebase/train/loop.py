@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +26,13 @@ from onebase.methods import get_method
 from onebase.methods.base import trainable_parameters
 from onebase.model.build import load_model, load_tokenizer
 from onebase.spec.schema import JobSpec
-from onebase.tracking import mlflow_run
 from onebase.train import zero3
 from onebase.train.console import Reporter
 from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
-from onebase.train.ds_ops import pin_ninja
+from onebase.train.ds_ops import import_deepspeed, pin_ninja
 from onebase.train.evaluate import evaluate
 from onebase.train.memory import memory_per_worker, peak_rss_mb
+from onebase.train.tracker import Relayed, Tracker
 from onebase.train.zero3 import partitioned_loading, resident_param_bytes
 
 STATE_FILE = "onebase_state.json"
@@ -49,8 +47,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     startup = Startup(config.get("driver_started"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Rank 0 connects to MLflow (imports, opening the store: ~1 s) on a thread while the model loads.
-    connecting = Tracker.connect(config) if rank == 0 else None
+    board = config.get("progress_board")  # the driver's console; absent in sweep trials
+    # Rank 0 logs to MLflow through the board when there is one (train/tracker.py); else it connects
+    # itself (imports, opening the store: ~2 s) on a thread while the model loads.
+    connecting = Tracker.connect(config) if rank == 0 and board is None else None
+    import_deepspeed(without_mlflow=connecting is None)  # see there: MLflow only where this worker logs itself
     torch.set_num_threads(config["threads_per_worker"])
     device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
     dataset = ray.get(config["data_ref"])
@@ -82,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = restore(engine)
     startup.mark("engine")
     resumed = step > 0
-    tracker = connecting.result() if connecting else None
+    tracker = connecting.result() if connecting else Relayed(board) if rank == 0 else None
     if tracker and step > 0:
         tracker.metrics({"resumed_from_step": step}, step)
     if tracker and step == 0:
@@ -94,7 +95,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     startup.mark("tracking")  # waiting for the MLflow connection, then the run's first params
     num_labels = len(dataset.labels) if dataset.labels else None
     groups = source_names(dataset.validation)  # a mixture: metrics per source too
-    board = config.get("progress_board")  # the driver's console; absent in sweep trials
     reporter = Reporter(board, total_steps, spec.train.log_every_steps) if rank == 0 and board else None
 
     window = Window()
@@ -153,6 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   "peak_memory_mb": peak_memory_mb(device)}
     if tracker:
         tracker.metrics({**final, **throughput, **memory}, step)
+        tracker.flush()  # before the last report: the driver logs what is relayed until training returns
     if reporter:
         reporter.evaluated(step, final, final=True)
     info = {"task": spec.task, "method": spec.method.name, "method_config": spec.method.model_dump(),
@@ -281,9 +282,10 @@ def maybe_fail(step: int, config: dict[str, Any], resumed: bool) -> None:
 
 class Startup:
     """Where a run's start-up time goes, from this worker's side (seconds, logged at the first step):
-    set-up (the data from the object store), model load, tokenisation, DeepSpeed engine (process group,
-    shm_comm op), tracking (what of the MLflow connection the model load did not hide, the first
-    params), and the whole way from the driver's command to the first step."""
+    set-up (importing DeepSpeed, the data from the object store), model load, tokenisation, DeepSpeed
+    engine (process group, shm_comm op), tracking (what of the MLflow connection the model load did not
+    hide, the first params; nothing to wait for when rank 0 relays through the driver's board), and the
+    whole way from the driver's command to the first step."""
 
     def __init__(self, driver_started: float | None) -> None:
         self.driver_started, self.last, self.pending = driver_started, time.time(), True
@@ -319,35 +321,3 @@ class Window:
         seconds = max(self.seconds, 1e-9)
         return {"loss": sum(self.losses) / max(len(self.losses), 1), "lr": lr, "epoch": epoch,
                 "tokens_per_s": self.tokens / seconds, "samples_per_s": self.samples / seconds}
-
-
-class Tracker:
-    """Rank 0 logs step metrics straight into the MLflow run the driver opened."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.uri = config["tracking_uri"]
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.run_id = config["mlflow_run_id"]
-        self.client.get_run(self.run_id)  # opens the store now (and fails early if the run is gone)
-
-    @classmethod
-    def connect(cls, config: dict[str, Any]) -> Future:
-        """A Tracker made on a thread: `.result()` returns it (or raises what making it raised)."""
-        future: Future = Future()
-
-        def make() -> None:
-            try:
-                future.set_result(cls(config))
-            except BaseException as err:  # noqa: BLE001 - handed to whoever waits for it
-                future.set_exception(err)
-
-        threading.Thread(target=make, name="onebase-tracker", daemon=True).start()
-        return future
-
-    def params(self, params: dict[str, Any]) -> None:
-        mlflow_run.log_params(self.client, self.run_id, params)
-
-    def metrics(self, metrics: dict[str, float], step: int) -> None:
-        mlflow_run.log_metrics(self.uri, self.run_id, metrics, step, mlflow_client=self.client)
