@@ -211,7 +211,7 @@ def http_load(url: str, models: list[str], requests_total: int, concurrency: int
             "new_tokens_per_request": sum(tokens) / max(len(tokens), 1)}
 
 
-def start_server(base: dict, max_tokens: int) -> str:
+def start_server(base: dict, max_tokens: int, limits: dict | None = None) -> str:
     """A real onebase Serve app for SmolLM2 on local Ray (one replica, 2 threads); its URL once healthy."""
     from ray import serve
 
@@ -225,7 +225,7 @@ def start_server(base: dict, max_tokens: int) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"bases": [{"name": "smollm2-135m-instruct", "alias": "smollm2", "threads": 2, "cpus": 1,
                        "max_adapters": 128, "max_batch_size": 16, **base}],
-            "auth": {"admin_token": "bench"}, "limits": {"max_tokens": max_tokens}}
+            "auth": {"admin_token": "bench"}, "limits": {"max_tokens": max_tokens, **(limits or {})}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     Client(url).wait_ready(300)  # raises ServeError when the app is not up by then

@@ -72,12 +72,13 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return {role: round(value, 1) for role, value in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
-def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int) -> dict:
+def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, prefix_cache_tokens: int) -> dict:
     """Load the adapters through the admin API, then the Poisson mix; its figures and CPU split."""
     import requests
     from ray import serve
 
-    url = start_server({"max_queue": 256, "max_batch_size": max_batch_size}, 256)
+    url = start_server({"max_queue": 256, "max_batch_size": max_batch_size}, 256,
+                       limits={"prefix_cache_tokens": prefix_cache_tokens})
     try:
         names = []
         for i, path in enumerate(adapters):
@@ -90,6 +91,10 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int) ->
         figures["cpu_s"] = cpu_split(before, cpu_seconds())
         figures["cpu_busy_fraction_of_2_cores"] = round(sum(figures["cpu_s"].values()) / (2 * wall), 2)
         figures["tokens_per_s"] = figures["tokens"] / figures["seconds"]
+        figures["server"] = {"max_batch_size": max_batch_size, "prefix_cache_tokens": prefix_cache_tokens}
+        decoding = requests.get(f"{url}/admin/adapters", headers={"Authorization": "Bearer bench"},
+                                timeout=60).json()["decoding_on_a_replica"]
+        figures["prefix_cache"] = next(iter(decoding.values()))["prefix_cache"]
         return figures
     finally:
         serve.shutdown()
@@ -101,6 +106,9 @@ def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=16, help="the first N of the mix, in-process")
     parser.add_argument("--rate", type=float, default=4.0, help="offered load, req/s")
     parser.add_argument("--adapters", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=32, help="the batched server's max_batch_size (its default)")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=2048,
+                        help="the server's limits.prefix_cache_tokens (its default; 0: off)")
     args = parser.parse_args()
     os.chdir(REPO)
     import torch
@@ -112,8 +120,8 @@ def main() -> None:
     out["naive_in_process"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters)
     print(json.dumps({"naive_in_process": out["naive_in_process"]}), flush=True)
     gc.collect()
-    for name, rows in (("server_batched", 16), ("server_one_at_a_time", 1)):
-        out[name] = served(adapters, mix, args.rate, rows)
+    for name, rows in (("server_batched", args.rows), ("server_one_at_a_time", 1)):
+        out[name] = served(adapters, mix, args.rate, rows, args.prefix_cache_tokens)
         print(json.dumps({name: out[name]}), flush=True)
     naive_tps = out["naive_in_process"]["tokens_per_s"]
     out["ratios"] = {

@@ -460,6 +460,13 @@ def test_gathered_lora_forward_equals_peft_mixed_batches(lora_engine, bases, tmp
             fast = pool.model(**enc).logits
     assert not torch.equal(peft[0], peft[1])  # the adapters change the logits
     assert torch.allclose(fast, peft, atol=1e-5)  # tolerance: float summation order only
+    # One token per row (a decode step) takes the masked dense products instead of per-adapter segments.
+    step = {"input_ids": enc["input_ids"][:, -1:], "attention_mask": enc["attention_mask"][:, -1:]}
+    with torch.no_grad():
+        peft_step = pool.model(**step, adapter_names=[k or "__base__" for k in keys]).logits
+        with gathered.rows(keys):
+            fast_step = pool.model(**step).logits
+    assert torch.allclose(fast_step, peft_step, atol=1e-5) and not torch.equal(peft_step[0], peft_step[1])
     # Hot load and unload reuse slots in place; the stacks stay equal to PEFT's layers.
     freed = gathered.slots[loaded[1].key]
     engine.unload(loaded[1])

@@ -129,6 +129,28 @@ def test_concurrent_requests_under_a_small_kv_budget_all_answer_as_without_one(s
 
 
 @pytest.mark.slow
+def test_a_prompt_starting_like_an_earlier_one_reuses_its_kv_and_answers_the_same(server, base, loras):
+    """The replica's prefix cache is on by default (limits.prefix_cache_tokens)."""
+    from onebase.serve.artifacts import inspect
+
+    shared = "You are a careful assistant. Answer briefly and politely.\n"
+
+    def figures() -> dict:
+        return requests.get(f"{server}/admin/adapters", headers=ADMIN, timeout=60).json()[
+            "decoding_on_a_replica"]["lm"]["prefix_cache"]
+
+    assert complete(server, "b", shared + "Q: Name a colour.", 6).status_code == 200
+    before = figures()
+    second = complete(server, "b", shared + "Q: Count to three.", 6)
+    after = figures()
+    assert after["max_tokens"] == 2048 and after["hits"] == before["hits"] + 1
+    assert after["reused_tokens"] - before["reused_tokens"] >= 8  # the shared instruction, not prefilled again
+    engine = BaseEngine(str(base))  # no prefix cache
+    want = engine.generate([Row(engine.load("b", inspect(loras[1])), shared + "Q: Count to three.", max_tokens=6)])
+    assert second.json()["choices"][0]["text"] == want[0]["text"]
+
+
+@pytest.mark.slow
 def test_a_request_that_can_never_fit_the_kv_budget_is_a_400_with_one_line(server):
     refused = complete(server, "a", "Hello there", BUDGET)  # max_tokens alone fills the budget
     assert refused.status_code == 400, refused.text

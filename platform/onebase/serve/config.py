@@ -29,7 +29,9 @@ class BaseSpec(Strict):
     cpus: float = Field(1, gt=0, description="CPUs Ray reserves per replica")
     gpus: float = Field(0, ge=0)
     max_adapters: int = Field(64, gt=0, description="adapters resident per replica (LRU beyond)")
-    max_batch_size: int = Field(16, gt=0, description="rows decoding together (more wait in the queue)")
+    # 32: on 2 CPU cores, 32 rows gave 1.16x the tokens/s of 16 and a tenth of the time to first token
+    # under the same overload (docs/benchmarks.md issue #12 (e3)); a decode step costs about the same.
+    max_batch_size: int = Field(32, gt=0, description="rows decoding together (more wait in the queue)")
     # With continuous batching requests join the running batch at the next step; this wait only
     # applies when the replica is idle, so a burst shares one prefill instead of starting one by one.
     batch_wait_ms: float = Field(50, ge=0, description="how long an idle replica waits for a burst to prefill together")
@@ -78,6 +80,11 @@ class LimitSpec(Strict):
     kv_cache_tokens: int | None = Field(None, gt=0, description="KV-cache positions a replica's running rows may hold "
                                         "(each reserves prompt + max_tokens, rows padded to their batch's longest); "
                                         "more wait in the queue. Unset: no bound")
+    # Kept apart from the running rows' cache; memory per position: layers x 2 x KV heads x head dim x
+    # dtype bytes (SmolLM2-135M fp32: 45 KiB, so 2048 positions ~ 90 MiB per replica).
+    prefix_cache_tokens: int = Field(2048, ge=0, description="prompt KV positions a replica keeps for reuse by "
+                                     "later prompts that start alike (system turns, few-shot demos, earlier "
+                                     "chat turns), least recently used out; 0: off")
 
 
 class ServeArgs(Strict):

@@ -39,6 +39,7 @@ import torch
 
 from onebase.errors import error_line
 from onebase.serve.kv_budget import KvBudget
+from onebase.serve.prefix_cache import PrefixCache, plan
 from onebase.serve.virtual import prompt_learning
 
 BASE = "__base__"
@@ -103,6 +104,7 @@ class Decoder:
         self._lock = threading.Lock()
         self.finished: dict[str, int] = {}  # finish reason -> sequences (cancelled: their client went away)
         self.kv = KvBudget()  # unbounded; the server's scheduler sets the replica's budget
+        self.prefix = PrefixCache()  # off; the server's scheduler sets the replica's (limits.prefix_cache_tokens)
         self.recompute_prompts = False  # True: prompt-learning rows the old way (bench/serve.py compares)
 
     def submit(self, seq: Sequence) -> Sequence:
@@ -276,6 +278,8 @@ class _Batch:
         # Prompt-learning rows run on the bare base from their virtual tokens (None: recomputed).
         self.virtual = None if recompute_prompts else getattr(runner, "virtual", None)
         self.cached = self.virtual is not None or not prompt_learning(runner.model)
+        # Only the last position's logits are used: a prefill need not run the LM head on every token.
+        self.last_only = {"logits_to_keep": 1} if _keeps_last_logits(runner.model) else {}
 
     def decode(self, decoder: Decoder) -> None:
         live = [i for i, s in enumerate(self.seqs) if s.finish_reason is None and not s.cancelled]
@@ -304,22 +308,58 @@ class _Batch:
             self.seqs += seqs
             self._after(decoder)
             return
-        from transformers import DynamicCache
-
         width = max(len(s.prompt) for s in seqs)
-        pad = decoder.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
-        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
         if self.virtual is not None:
+            pad = decoder.tokenizer.pad_token_id or 0
+            ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
+            mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
             logits, cache, mask = self._prefill_virtual(ids, mask)
         else:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache()
-            logits = self._forward(ids, mask, positions, cache, [s.key for s in seqs])
+            logits, cache, mask = self._prefill(decoder, seqs, width)
+            self._keep_prompts(decoder.prefix, seqs, cache, width)
         decoder.choose(seqs, logits)
         self._merge(seqs, cache, mask)
         decoder.kv.note(held=decoder.held())
         self._after(decoder)
+
+    def _prefill(self, decoder: Decoder, seqs: list[Sequence], width: int):
+        """One left-padded forward over the prompts; the leading columns the prefix cache holds for every
+        row (`prefix_cache.plan`) come from there instead of being computed."""
+        from transformers import DynamicCache
+
+        pad = decoder.tokenizer.pad_token_id or 0
+        lengths = [len(s.prompt) for s in seqs]
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+        found = [decoder.prefix.lookup(self._owner(s), s.prompt) for s in seqs]
+        start = plan(lengths, [n for n, _ in found]) if any(e is not None for _, e in found) else 0
+        cache = DynamicCache()
+        if start:
+            reused = [max(0, n - (width - start)) for n in lengths]
+            like = next(e for (_, e), r in zip(found, reused) if r)  # the longest prompt's, at least
+            for layer in range(len(like.layers)):
+                keys, values = zip(*(_kept(e or like, layer, r if e else 0, start) for (_, e), r in zip(found, reused)))
+                cache.update(torch.cat(keys), torch.cat(values), layer)
+            decoder.prefix.hits += sum(1 for r in reused if r)
+            decoder.prefix.reused += sum(reused)
+        if decoder.prefix.max_tokens:
+            decoder.prefix.misses += sum(1 for n in lengths if n - (width - start) <= 0)
+            decoder.prefix.prefilled += sum(lengths) - sum(max(0, n - (width - start)) for n in lengths)
+        ids = torch.tensor([([pad] * (width - len(s.prompt)) + s.prompt)[start:] for s in seqs])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        return self._forward(ids, mask, positions, cache, [s.key for s in seqs]), cache, mask
+
+    def _keep_prompts(self, prefix: PrefixCache, seqs: list[Sequence], cache, width: int) -> None:
+        """Hand each prompt's KV (its own copy: the batch's tensors are re-made as rows come and go) to the
+        prefix cache."""
+        for row, seq in enumerate(seqs):
+            if prefix.wants(self._owner(seq), seq.prompt):
+                start = width - len(seq.prompt)
+                prefix.store(self._owner(seq), seq.prompt,
+                             [(layer.keys[row:row + 1, :, start:].clone(), layer.values[row:row + 1, :, start:].clone())
+                              for layer in cache.layers])
+
+    def _owner(self, seq: Sequence) -> tuple[int, str | None]:
+        return id(self.runner), seq.key
 
     def _after(self, decoder: Decoder) -> None:
         """Drop finished rows (their KV rows go) and remember each live row's unfed token."""
@@ -336,18 +376,18 @@ class _Batch:
         cache = virtual.cache(len(ids))
         if virtual.prefix is not None:
             out = virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions[:, virtual.count:],
-                               past_key_values=cache, use_cache=True)
+                               past_key_values=cache, use_cache=True, **self.last_only)
         else:
             out = virtual.base(inputs_embeds=virtual.inputs(ids), attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True)
+                               past_key_values=cache, use_cache=True, **self.last_only)
         return out.logits[:, -1], cache, mask
 
     def _forward(self, ids, mask, positions, cache, keys: list[str | None]) -> torch.Tensor:
         runner = self.runner
         if self.virtual is not None:  # after prefill a prompt-learning row is a plain row of the base
             return self.virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True).logits[:, -1]
-        kwargs: dict[str, Any] = {}
+                                     past_key_values=cache, use_cache=True, **self.last_only).logits[:, -1]
+        kwargs: dict[str, Any] = dict(self.last_only)
         gathered = runner.gathered if runner.mixed and runner.gathered is not None and runner.gathered.covers(keys) \
             else None
         if runner.mixed and gathered is None:
@@ -355,7 +395,7 @@ class _Batch:
         if gathered is not None:
             with gathered.rows(keys):
                 out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                   past_key_values=cache, use_cache=True)
+                                   past_key_values=cache, use_cache=True, **kwargs)
         else:
             out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                use_cache=True, **kwargs)
@@ -392,6 +432,12 @@ class _Batch:
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def _kept(entry, layer: int, count: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kept prompt's first `count` positions of one layer's keys and values, left-padded to `width`."""
+    keys, values = entry.layers[layer]
+    return _left_pad(keys[:, :, :count], width, -2), _left_pad(values[:, :, :count], width, -2)
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -431,6 +477,17 @@ def _begun(entries: list[dict[str, Any]], length: int, start: int = 0) -> int:
     while start < len(entries) and entries[start]["offset"] < length:
         start += 1
     return start
+
+
+def _keeps_last_logits(model) -> bool:
+    """Whether the causal LM under `model` (PEFT passes the argument through) takes `logits_to_keep`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _eos_ids(engine) -> set[int]:

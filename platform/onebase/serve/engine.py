@@ -203,6 +203,7 @@ class BaseEngine:
                 runner.lora.remove(loaded.key)
             if not runner.mixed:
                 runner.virtual = None  # its own runner: nothing decodes on it any more
+            self.batcher.prefix.drop(loaded.key)
 
     def view(self, task: str, labels: list[str] | None, private: set[str] = frozenset()) -> nn.Module:
         """A model for `task` whose parameters are this base's tensors; the head (and `private`

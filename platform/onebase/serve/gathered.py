@@ -2,14 +2,21 @@
 
 PEFT's mixed batches (`adapter_names`) loop over the distinct adapters of a batch in every LoRA
 layer, so a batch of 16 rows with 16 adapters runs 16 small updates per layer and step. Here each
-LoRA layer keeps the resident adapters' matrices stacked, A as [slots, r, in] and B (scaling
-folded in) as [slots, out, r], padded with zeros to the largest rank; slot 0 stays zero (the bare
-base). A forward gathers each row's slot and computes the update as two batched products, the
-BGMV formulation of Punica / S-LoRA (vLLM's torch reference ops do the same with einsum over
-gathered stacks): one call per layer whatever the number of distinct adapters. Hot load writes an
-adapter into a free slot in place and unload zeroes its slot for reuse; the stacks grow (doubling)
-only when every slot is taken or a larger rank arrives. Zero padding adds exact zeros, so outputs
-equal PEFT's up to float summation order (tested at atol 1e-5 on logits, greedy texts equal).
+LoRA layer keeps the resident adapters' matrices stacked, A as [slots, r, in] and B transposed
+(scaling folded in) as [slots, r, out], padded with zeros to the largest rank; slot 0 stays zero
+(the bare base). Hot load writes an adapter into a free slot in place and unload zeroes its slot
+for reuse; the stacks grow (doubling) only when every slot is taken or a larger rank arrives.
+
+A forward takes the stacks of the distinct adapters its rows use (u of them) and computes:
+- decode steps (one token per row): two dense products, x @ [A_1; ...; A_u]^T, masked so each row
+  keeps only its own adapter's r columns, then @ [B_1; ...; B_u]. One call per product and layer
+  whatever u; the masked-off columns are wasted work, but at one token per row and LoRA ranks that
+  is far cheaper than gathering a copy of A and B per row for batched products (the BGMV
+  formulation of Punica / S-LoRA, which this replaced: see docs/benchmarks.md issue #12);
+- prefill (many tokens per row): per distinct adapter, its rows' tokens through A and B (the SGMV
+  segments), so no token pays for another adapter's rank.
+Zero padding adds exact zeros, so outputs equal PEFT's up to float summation order (tested at
+atol 1e-5 on logits, greedy texts equal).
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ class GatheredLora:
         self.free: list[int] = []
         self.capacity, self.rank = 1, 1
         self.A: dict[nn.Module, torch.Tensor] = {}
-        self.B: dict[nn.Module, torch.Tensor] = {}
+        self.B: dict[nn.Module, torch.Tensor] = {}  # transposed: [slots, r, out]
         self.index: torch.Tensor | None = None  # per-row slot while a gathered forward runs
+        self.used: torch.Tensor | None = None  # the distinct adapter slots of those rows (0 left out)
+        self.mask: torch.Tensor | None = None  # [rows, 1, used, 1]: 1 where the row's slot is that one
         self.enabled = True  # False: mixed batches take PEFT's path (benchmarks compare the two)
 
     # ---- slots -------------------------------------------------------------------------------
@@ -70,7 +79,7 @@ class GatheredLora:
                 self.A[layer][slot].zero_()
                 self.B[layer][slot].zero_()
                 self.A[layer][slot, :r] = a
-                self.B[layer][slot, :, :r] = b * layer.scaling[key]
+                self.B[layer][slot, :r] = (b * layer.scaling[key]).T
         self.slots[key] = slot
         return True
 
@@ -98,9 +107,9 @@ class GatheredLora:
     @staticmethod
     def _grown(a: torch.Tensor, b: torch.Tensor, capacity: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         new_a = a.new_zeros(capacity, max(rank, a.shape[1]), a.shape[2])
-        new_b = b.new_zeros(capacity, b.shape[1], max(rank, b.shape[2]))
+        new_b = b.new_zeros(capacity, max(rank, b.shape[1]), b.shape[2])
         new_a[: a.shape[0], : a.shape[1]] = a
-        new_b[: b.shape[0], :, : b.shape[2]] = b
+        new_b[: b.shape[0], : b.shape[1]] = b
         return new_a, new_b
 
     def _patch(self, layer: nn.Module) -> None:
@@ -109,7 +118,7 @@ class GatheredLora:
             return
         base = layer.base_layer
         self.A[layer] = base.weight.new_zeros(self.capacity, self.rank, base.in_features)
-        self.B[layer] = base.weight.new_zeros(self.capacity, base.out_features, self.rank)
+        self.B[layer] = base.weight.new_zeros(self.capacity, self.rank, base.out_features)
         peft_forward = layer.forward
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -123,19 +132,38 @@ class GatheredLora:
     # ---- the forward -------------------------------------------------------------------------
 
     def update(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """B[slot_b] @ A[slot_b] @ x_b for every row b: two batched products over gathered stacks."""
-        a = self.A[layer].index_select(0, self.index)  # [batch, r, in]
-        b = self.B[layer].index_select(0, self.index)  # [batch, out, r]
-        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        """Each row's B[slot] A[slot] x, for x of [rows, tokens, in]."""
+        used = self.used
+        if used is None or not len(used):  # only bare-base rows
+            return x.new_zeros(*x.shape[:-1], self.B[layer].shape[-1])
+        stack_a, stack_b = self.A[layer], self.B[layer]
+        rank = stack_a.shape[1]
+        if len(used) == 1 or x.shape[1] == 1:
+            a = stack_a.index_select(0, used).flatten(0, 1)  # [used * r, in]
+            b = stack_b.index_select(0, used).flatten(0, 1)  # [used * r, out]
+            h = x @ a.T
+            if self.mask is not None:
+                h = (h.unflatten(-1, (len(used), rank)) * self.mask.to(h.dtype)).flatten(-2)
+            return h @ b
+        out = x.new_zeros(*x.shape[:-1], stack_b.shape[-1])
+        for slot in used.tolist():
+            rows = (self.index == slot).nonzero().flatten()
+            out[rows] = (x[rows] @ stack_a[slot].T) @ stack_b[slot]
+        return out
 
     @contextlib.contextmanager
     def rows(self, keys: list[str | None]) -> Iterator[None]:
         """Run the model's LoRA layers gathered for these rows (None or an unknown key: the bare base)."""
         self.index = torch.tensor([self.slots.get(k, 0) if k else 0 for k in keys], dtype=torch.long)
+        used = self.index.unique()
+        self.used = used[used != 0]
+        # Unneeded when every row runs the one adapter.
+        self.mask = None if len(self.used) == 1 and len(used) == 1 else \
+            (self.index[:, None] == self.used[None, :]).float()[:, None, :, None]
         try:
             yield
         finally:
-            self.index = None
+            self.index = self.used = self.mask = None
 
     def covers(self, keys: list[str | None]) -> bool:
         return self.enabled and all(k is None or k in self.slots for k in keys)

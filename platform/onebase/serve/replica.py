@@ -59,7 +59,8 @@ class BaseServer:
         self.limits = LimitSpec.model_validate(limits)
         self.engine = BaseEngine(self.spec.name, self.spec.task, threads=self.spec.threads)
         self.scheduler = Scheduler(self.engine, self.spec.max_batch_size, self.spec.max_queue,
-                                   self.spec.batch_wait_ms / 1000, kv_tokens=self.limits.kv_cache_tokens)
+                                   self.spec.batch_wait_ms / 1000, kv_tokens=self.limits.kv_cache_tokens,
+                                   prefix_tokens=self.limits.prefix_cache_tokens)
         self.catalog, self.tracking_uri = catalog, tracking_uri
         self._reaper: asyncio.Task | None = None
         self.stats = ReplicaStats(self.spec.model_name)

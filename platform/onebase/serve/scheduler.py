@@ -22,6 +22,7 @@ from typing import Any
 
 from onebase.serve.artifacts import AdapterError
 from onebase.serve.kv_budget import KvBudget
+from onebase.serve.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -43,9 +44,11 @@ class QueueFull(AdapterError):
 
 
 class Scheduler:
-    def __init__(self, engine, max_rows: int, max_queue: int, wait_s: float, kv_tokens: int | None = None) -> None:
+    def __init__(self, engine, max_rows: int, max_queue: int, wait_s: float, kv_tokens: int | None = None,
+                 prefix_tokens: int = 0) -> None:
         self.engine, self.batcher = engine, engine.batcher
         self.batcher.kv = KvBudget(kv_tokens)
+        self.batcher.prefix = PrefixCache(prefix_tokens)
         self.max_rows, self.max_queue, self.wait_s = max_rows, max_queue, wait_s
         self.jobs: deque[tuple[str, list, Any, asyncio.AbstractEventLoop]] = deque()  # heads' forwards
         self.wake = threading.Condition()
@@ -55,10 +58,12 @@ class Scheduler:
     # ---- called from the replica's event loop -------------------------------------------------
 
     def load(self) -> dict[str, Any]:
-        """Rows decoding, requests waiting, sequences finished per reason (cancelled: client gone), and
-        the KV-cache budget's figures (positions reserved and held, now and at their peak)."""
+        """Rows decoding, requests waiting, sequences finished per reason (cancelled: client gone), the
+        KV-cache budget's figures (positions reserved and held, now and at their peak) and the prefix
+        cache's (prompts kept, rows that reused one, prompt tokens reused and prefilled)."""
         return {"running": self.batcher.running(), "waiting": len(self.batcher.waiting),
-                "finished": dict(self.batcher.finished), "kv": self.batcher.kv.summary()}
+                "finished": dict(self.batcher.finished), "kv": self.batcher.kv.summary(),
+                "prefix_cache": self.batcher.prefix.summary()}
 
     def _admit(self, count: int) -> None:
         waiting = len(self.batcher.waiting) + sum(len(job[1]) for job in self.jobs)
