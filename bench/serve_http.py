@@ -4,16 +4,20 @@ side by side in one run:
 
 1. naive, in-process: plain PEFT, one request at a time, `set_adapter` per request (bench/serve.py's
    baseline: no HTTP at all);
-2. the real server (one replica, 2 threads), continuous batching, up to 16 rows;
+2. the real server (one replica, 2 threads), continuous batching, its default 32 rows and prefix cache
+   (and once more without the prefix cache);
 3. the same server, one row at a time (`max_batch_size: 1`): naive serving behind the same HTTP stack,
-   so the ratio of 2 to 3 is what batching gains once both pay for HTTP.
+   so the ratio of 2 to 3 is what batching gains once both pay for HTTP;
+4. the replica's engine in this process, no HTTP: the same arrivals replayed into its continuous
+   batcher (same rows, same prefix cache), so the ratio of 2 to 4 is what the HTTP path and the
+   processes beside the replica cost.
 
 For the server rows, the CPU seconds each process spent during the load (the replica, the gateway, Serve's
 proxy and controller, the catalog, Ray's daemons, and this script's own client threads), read from /proc
 before and after: on a 2-core machine the clients, the proxy and the gateway take their CPU from the
 replica.
 
-    .venv/bin/python bench/serve_http.py --requests 64 --rate 4 --adapters 10      # ~6 min on 2 cores
+    .venv/bin/python bench/serve_http.py --requests 64 --rate 4 --adapters 10      # ~9 min on 2 cores
 Prints and writes bench/results/serve-http.json.
 """
 
@@ -100,6 +104,58 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
         serve.shutdown()
 
 
+def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, prefix_cache_tokens: int) -> dict:
+    """The mix's arrivals (poisson_load's seed) submitted into a replica's engine in this process, one
+    thread stepping it as the replica's scheduler does; where its time goes (decode vs prefill steps)."""
+    import random
+    import threading
+
+    from onebase.serve import decode
+    from onebase.serve.engine import BaseEngine, Row, load_path
+    from onebase.serve.prefix_cache import PrefixCache
+
+    engine = BaseEngine("smollm2-135m-instruct", threads=2)
+    loaded = [engine.load(f"adapter{i:03d}", load_path(p)) for i, p in enumerate(adapters)]
+    engine.batcher.prefix = PrefixCache(prefix_cache_tokens)
+    seqs: list = []
+    spent = {"decode_s": 0.0, "prefill_s": 0.0}
+
+    def timed(method, key):
+        def run(*args):
+            began = time.perf_counter()
+            method(*args)
+            spent[key] += time.perf_counter() - began
+        return run
+
+    original = decode._Batch.decode, decode._Batch.admit
+    decode._Batch.decode, decode._Batch.admit = timed(original[0], "decode_s"), timed(original[1], "prefill_s")
+
+    def arrivals() -> None:
+        rng = random.Random(3)  # poisson_load's
+        for draw, prompt, max_tokens in mix:
+            time.sleep(rng.expovariate(rate))
+            adapter = loaded[draw % len(loaded)]
+            text = engine.render_chat([{"role": "user", "content": prompt}], adapter)
+            seqs.append(engine.batcher.submit(engine.sequence(Row(adapter, text, max_tokens=max_tokens))))
+
+    try:
+        feeder = threading.Thread(target=arrivals)
+        began = time.perf_counter()
+        feeder.start()
+        while feeder.is_alive() or not all(s.done.is_set() for s in seqs):
+            if engine.batcher.pending():
+                engine.batcher.step(max_rows)
+            else:
+                time.sleep(0.002)
+        seconds = time.perf_counter() - began
+    finally:
+        decode._Batch.decode, decode._Batch.admit = original
+    tokens = sum(len(s.tokens) for s in seqs)
+    return {"requests": len(seqs), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "req_per_s": len(seqs) / seconds, **{k: round(v, 1) for k, v in spent.items()},
+            "prefix_cache": engine.batcher.prefix.summary()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64, help="requests in the Poisson mix (server rows)")
@@ -120,17 +176,32 @@ def main() -> None:
     out["naive_in_process"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters)
     print(json.dumps({"naive_in_process": out["naive_in_process"]}), flush=True)
     gc.collect()
-    for name, rows in (("server_batched", args.rows), ("server_one_at_a_time", 1)):
-        out[name] = served(adapters, mix, args.rate, rows, args.prefix_cache_tokens)
+    prefix = args.prefix_cache_tokens
+    runs = [("server_batched", args.rows, prefix), ("server_one_at_a_time", 1, prefix)]
+    if args.prefix_cache_tokens:  # what the prefix cache adds, same server otherwise
+        runs.append(("server_batched_no_prefix_cache", args.rows, 0))
+    for name, rows, prefix_tokens in runs:
+        out[name] = served(adapters, mix, args.rate, rows, prefix_tokens)
         print(json.dumps({name: out[name]}), flush=True)
-    naive_tps = out["naive_in_process"]["tokens_per_s"]
+    out["engine_in_process"] = engine_replay(adapters, mix, args.rate, args.rows, args.prefix_cache_tokens)
+    print(json.dumps({"engine_in_process": out["engine_in_process"]}), flush=True)
+    # Measured again at the end: a baseline slowed by a passing load would flatter every ratio; the faster
+    # of the two is the one the ratios use.
+    out["naive_in_process_again"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters)
+    print(json.dumps({"naive_in_process_again": out["naive_in_process_again"]}), flush=True)
+    naive_tps = max(out["naive_in_process"]["tokens_per_s"], out["naive_in_process_again"]["tokens_per_s"])
+    naive_rps = max(out["naive_in_process"]["req_per_s"], out["naive_in_process_again"]["req_per_s"])
     out["ratios"] = {
         "batched_over_naive_in_process_tokens": out["server_batched"]["tokens_per_s"] / naive_tps,
-        "batched_over_naive_in_process_requests": out["server_batched"]["req_per_s"]
-        / out["naive_in_process"]["req_per_s"],
+        "batched_over_naive_in_process_requests": out["server_batched"]["req_per_s"] / naive_rps,
         "batched_over_one_at_a_time_tokens": out["server_batched"]["tokens_per_s"]
         / out["server_one_at_a_time"]["tokens_per_s"],
         "one_at_a_time_over_naive_in_process_tokens": out["server_one_at_a_time"]["tokens_per_s"] / naive_tps,
+        **({"batched_over_batched_without_prefix_cache_tokens": out["server_batched"]["tokens_per_s"]
+            / out["server_batched_no_prefix_cache"]["tokens_per_s"]} if prefix else {}),
+        "engine_in_process_over_naive_in_process_tokens": out["engine_in_process"]["tokens_per_s"] / naive_tps,
+        "batched_over_engine_in_process_tokens": out["server_batched"]["tokens_per_s"]
+        / out["engine_in_process"]["tokens_per_s"],
     }
     save("serve-http", out)
 
