@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=16, help="the first N of the mix, in-process")
     parser.add_argument("--rate", type=float, default=4.0, help="offered load, req/s")
     parser.add_argument("--adapters", type=int, default=10)
+    parser.add_argument("--out", default="serve-http", help="bench/results/<out>.json")
+    parser.add_argument("--no-one-at-a-time", action="store_true",
+                        help="skip the one-row server (minutes at high loads: it serves the whole mix one by one)")
     parser.add_argument("--rows", type=int, default=32, help="the batched server's max_batch_size (its default)")
     parser.add_argument("--prefix-cache-tokens", type=int, default=2048,
                         help="the server's limits.prefix_cache_tokens (its default; 0: off)")
@@ -177,7 +180,8 @@ def main() -> None:
     print(json.dumps({"naive_in_process": out["naive_in_process"]}), flush=True)
     gc.collect()
     prefix = args.prefix_cache_tokens
-    runs = [("server_batched", args.rows, prefix), ("server_one_at_a_time", 1, prefix)]
+    runs = [("server_batched", args.rows, prefix)] + ([] if args.no_one_at_a_time else
+                                                       [("server_one_at_a_time", 1, prefix)])
     if args.prefix_cache_tokens:  # what the prefix cache adds, same server otherwise
         runs.append(("server_batched_no_prefix_cache", args.rows, 0))
     for name, rows, prefix_tokens in runs:
@@ -194,16 +198,17 @@ def main() -> None:
     out["ratios"] = {
         "batched_over_naive_in_process_tokens": out["server_batched"]["tokens_per_s"] / naive_tps,
         "batched_over_naive_in_process_requests": out["server_batched"]["req_per_s"] / naive_rps,
-        "batched_over_one_at_a_time_tokens": out["server_batched"]["tokens_per_s"]
-        / out["server_one_at_a_time"]["tokens_per_s"],
-        "one_at_a_time_over_naive_in_process_tokens": out["server_one_at_a_time"]["tokens_per_s"] / naive_tps,
+        **({"batched_over_one_at_a_time_tokens": out["server_batched"]["tokens_per_s"]
+            / out["server_one_at_a_time"]["tokens_per_s"],
+            "one_at_a_time_over_naive_in_process_tokens": out["server_one_at_a_time"]["tokens_per_s"] / naive_tps}
+           if "server_one_at_a_time" in out else {}),
         **({"batched_over_batched_without_prefix_cache_tokens": out["server_batched"]["tokens_per_s"]
             / out["server_batched_no_prefix_cache"]["tokens_per_s"]} if prefix else {}),
         "engine_in_process_over_naive_in_process_tokens": out["engine_in_process"]["tokens_per_s"] / naive_tps,
         "batched_over_engine_in_process_tokens": out["server_batched"]["tokens_per_s"]
         / out["engine_in_process"]["tokens_per_s"],
     }
-    save("serve-http", out)
+    save(args.out, out)
 
 
 if __name__ == "__main__":
