@@ -211,8 +211,9 @@ def http_load(url: str, models: list[str], requests_total: int, concurrency: int
             "new_tokens_per_request": sum(tokens) / max(len(tokens), 1)}
 
 
-def start_server(base: dict, max_tokens: int, limits: dict | None = None) -> str:
-    """A real onebase Serve app for SmolLM2 on local Ray (one replica, 2 threads); its URL once healthy."""
+def start_server(base: dict, max_tokens: int, limits: dict | None = None, threads: int = 2) -> str:
+    """A real onebase Serve app for SmolLM2 on local Ray (one replica, `threads` torch threads); its URL
+    once healthy."""
     from ray import serve
 
     from onebase.serve.app import build
@@ -223,7 +224,7 @@ def start_server(base: dict, max_tokens: int, limits: dict | None = None) -> str
     connect_ray(None)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"bases": [{"name": "smollm2-135m-instruct", "alias": "smollm2", "threads": 2, "cpus": 1,
+    args = {"bases": [{"name": "smollm2-135m-instruct", "alias": "smollm2", "threads": threads, "cpus": 1,
                        "max_adapters": 128, "max_batch_size": 16, **base}],
             "auth": {"admin_token": "bench"}, "limits": {"max_tokens": max_tokens, **(limits or {})}}
     serve.run(build(args), name="onebase", route_prefix="/", blocking=False)

@@ -4,8 +4,8 @@ side by side in one run:
 
 1. naive, in-process: plain PEFT, one request at a time, `set_adapter` per request (bench/serve.py's
    baseline: no HTTP at all);
-2. the real server (one replica, 2 threads), continuous batching, its default 32 rows and prefix cache
-   (and once more without the prefix cache);
+2. the real server (one replica, `--threads` torch threads, 1 by default), continuous batching, its default
+   32 rows and prefix cache (and once more without the prefix cache);
 3. the same server, one row at a time (`max_batch_size: 1`): naive serving behind the same HTTP stack,
    so the ratio of 2 to 3 is what batching gains once both pay for HTTP;
 4. the replica's engine in this process, no HTTP: the same arrivals replayed into its continuous
@@ -76,13 +76,14 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return {role: round(value, 1) for role, value in sorted(spent.items(), key=lambda kv: -kv[1])}
 
 
-def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, prefix_cache_tokens: int) -> dict:
+def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, prefix_cache_tokens: int,
+           threads: int) -> dict:
     """Load the adapters through the admin API, then the Poisson mix; its figures and CPU split."""
     import requests
     from ray import serve
 
     url = start_server({"max_queue": 256, "max_batch_size": max_batch_size}, 256,
-                       limits={"prefix_cache_tokens": prefix_cache_tokens})
+                       limits={"prefix_cache_tokens": prefix_cache_tokens}, threads=threads)
     try:
         names = []
         for i, path in enumerate(adapters):
@@ -95,7 +96,8 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
         figures["cpu_s"] = cpu_split(before, cpu_seconds())
         figures["cpu_busy_fraction_of_2_cores"] = round(sum(figures["cpu_s"].values()) / (2 * wall), 2)
         figures["tokens_per_s"] = figures["tokens"] / figures["seconds"]
-        figures["server"] = {"max_batch_size": max_batch_size, "prefix_cache_tokens": prefix_cache_tokens}
+        figures["server"] = {"max_batch_size": max_batch_size, "prefix_cache_tokens": prefix_cache_tokens,
+                             "threads": threads}
         decoding = requests.get(f"{url}/admin/adapters", headers={"Authorization": "Bearer bench"},
                                 timeout=60).json()["decoding_on_a_replica"]
         figures["prefix_cache"] = next(iter(decoding.values()))["prefix_cache"]
@@ -104,7 +106,8 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
         serve.shutdown()
 
 
-def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, prefix_cache_tokens: int) -> dict:
+def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, prefix_cache_tokens: int,
+                  threads: int) -> dict:
     """The mix's arrivals (poisson_load's seed) submitted into a replica's engine in this process, one
     thread stepping it as the replica's scheduler does; where its time goes (decode vs prefill steps)."""
     import random
@@ -114,7 +117,7 @@ def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, p
     from onebase.serve.engine import BaseEngine, Row, load_path
     from onebase.serve.prefix_cache import PrefixCache
 
-    engine = BaseEngine("smollm2-135m-instruct", threads=2)
+    engine = BaseEngine("smollm2-135m-instruct", threads=threads)
     loaded = [engine.load(f"adapter{i:03d}", load_path(p)) for i, p in enumerate(adapters)]
     engine.batcher.prefix = PrefixCache(prefix_cache_tokens)
     seqs: list = []
@@ -162,6 +165,10 @@ def main() -> None:
     parser.add_argument("--naive-requests", type=int, default=16, help="the first N of the mix, in-process")
     parser.add_argument("--rate", type=float, default=4.0, help="offered load, req/s")
     parser.add_argument("--adapters", type=int, default=10)
+    # 1: the replica reserves one CPU (`cpus: 1`), and a replica without `threads` gets as many torch threads
+    # as CPUs it reserves; 2 oversubscribes the 2 cores the HTTP side shares (docs/benchmarks.md #12 (e5)).
+    parser.add_argument("--threads", type=int, default=1,
+                        help="the replica's torch threads (and the in-process engine's); naive always runs with 2")
     parser.add_argument("--out", default="serve-http", help="bench/results/<out>.json")
     parser.add_argument("--no-one-at-a-time", action="store_true",
                         help="skip the one-row server (minutes at high loads: it serves the whole mix one by one)")
@@ -185,9 +192,11 @@ def main() -> None:
     if args.prefix_cache_tokens:  # what the prefix cache adds, same server otherwise
         runs.append(("server_batched_no_prefix_cache", args.rows, 0))
     for name, rows, prefix_tokens in runs:
-        out[name] = served(adapters, mix, args.rate, rows, prefix_tokens)
+        out[name] = served(adapters, mix, args.rate, rows, prefix_tokens, args.threads)
         print(json.dumps({name: out[name]}), flush=True)
-    out["engine_in_process"] = engine_replay(adapters, mix, args.rate, args.rows, args.prefix_cache_tokens)
+    out["engine_in_process"] = engine_replay(adapters, mix, args.rate, args.rows, args.prefix_cache_tokens,
+                                             args.threads)
+    torch.set_num_threads(2)  # the naive baseline's, as at the start
     print(json.dumps({"engine_in_process": out["engine_in_process"]}), flush=True)
     # Measured again at the end: a baseline slowed by a passing load would flatter every ratio; the faster
     # of the two is the one the ratios use.
