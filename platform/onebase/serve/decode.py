@@ -309,44 +309,36 @@ class _Batch:
             self._after(decoder)
             return
         width = max(len(s.prompt) for s in seqs)
+        ids, mask = _left_padded(seqs, width, decoder.tokenizer.pad_token_id or 0)
         if self.virtual is not None:
-            pad = decoder.tokenizer.pad_token_id or 0
-            ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
-            mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
             logits, cache, mask = self._prefill_virtual(ids, mask)
         else:
-            logits, cache, mask = self._prefill(decoder, seqs, width)
+            logits, cache = self._prefill(decoder.prefix, seqs, ids, mask)
             self._keep_prompts(decoder.prefix, seqs, cache, width)
         decoder.choose(seqs, logits)
         self._merge(seqs, cache, mask)
         decoder.kv.note(held=decoder.held())
         self._after(decoder)
 
-    def _prefill(self, decoder: Decoder, seqs: list[Sequence], width: int):
-        """One left-padded forward over the prompts; the leading columns the prefix cache holds for every
+    def _prefill(self, prefix: PrefixCache, seqs: list[Sequence], ids: torch.Tensor, mask: torch.Tensor):
+        """One forward over the left-padded prompts; the leading columns the prefix cache holds for every
         row (`prefix_cache.plan`) come from there instead of being computed."""
         from transformers import DynamicCache
 
-        pad = decoder.tokenizer.pad_token_id or 0
+        width = ids.shape[1]
         lengths = [len(s.prompt) for s in seqs]
-        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
-        found = [decoder.prefix.lookup(self._owner(s), s.prompt) for s in seqs]
+        found = [prefix.lookup(self._owner(s), s.prompt) for s in seqs]
         start = plan(lengths, [n for n, _ in found]) if any(e is not None for _, e in found) else 0
+        reused = [max(0, n - (width - start)) for n in lengths]
         cache = DynamicCache()
         if start:
-            reused = [max(0, n - (width - start)) for n in lengths]
             like = next(e for (_, e), r in zip(found, reused) if r)  # the longest prompt's, at least
             for layer in range(len(like.layers)):
                 keys, values = zip(*(_kept(e or like, layer, r if e else 0, start) for (_, e), r in zip(found, reused)))
                 cache.update(torch.cat(keys), torch.cat(values), layer)
-            decoder.prefix.hits += sum(1 for r in reused if r)
-            decoder.prefix.reused += sum(reused)
-        if decoder.prefix.max_tokens:
-            decoder.prefix.misses += sum(1 for n in lengths if n - (width - start) <= 0)
-            decoder.prefix.prefilled += sum(lengths) - sum(max(0, n - (width - start)) for n in lengths)
-        ids = torch.tensor([([pad] * (width - len(s.prompt)) + s.prompt)[start:] for s in seqs])
+        prefix.count(lengths, reused)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
-        return self._forward(ids, mask, positions, cache, [s.key for s in seqs]), cache, mask
+        return self._forward(ids[:, start:], mask, positions, cache, [s.key for s in seqs]), cache
 
     def _keep_prompts(self, prefix: PrefixCache, seqs: list[Sequence], cache, width: int) -> None:
         """Hand each prompt's KV (its own copy: the batch's tensors are re-made as rows come and go) to the
@@ -432,6 +424,13 @@ class _Batch:
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def _left_padded(seqs: list[Sequence], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' token ids left-padded to `width`, and their attention mask."""
+    ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
+    return ids, mask
 
 
 def _kept(entry, layer: int, count: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,22 +68,24 @@ class PrefixCache:
               layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep a prompt's KV (`layers`: its own copies). A prompt that a kept one already begins with is
         not kept twice; a kept prompt that this one extends is replaced by it."""
-        if not self.max_tokens or len(prompt) < MIN_REUSE or len(prompt) > self.max_tokens:
+        if not self.wants(owner, prompt):
             return
         for key, entry in list(self.entries.items()):
-            if entry.owner != owner:
-                continue
-            shared = _common_prefix(prompt, entry.tokens, len(prompt))
-            if shared == len(prompt):  # already kept, inside a longer prompt
-                self.entries.move_to_end(key)
-                return
-            if shared == len(entry.tokens):
+            if entry.owner == owner and _common_prefix(prompt, entry.tokens, len(prompt)) == len(entry.tokens):
                 self._remove(key)
         entry = Entry(owner, list(prompt), layers)
         self.entries[id(entry)] = entry
         self.held += len(prompt)
         while self.held > self.max_tokens:
             self._remove(next(iter(self.entries)))
+
+    def count(self, lengths: list[int], reused: list[int]) -> None:
+        """A prefill's figures: per row its prompt length and the leading tokens it took from here."""
+        if self.max_tokens:
+            self.hits += sum(1 for r in reused if r)
+            self.misses += sum(1 for r in reused if not r)
+            self.reused += sum(reused)
+            self.prefilled += sum(lengths) - sum(reused)
 
     def drop(self, adapter_key: str | None) -> None:
         """Forget an unloaded adapter's prompts."""
