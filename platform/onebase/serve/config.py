@@ -29,8 +29,8 @@ class BaseSpec(Strict):
     cpus: float = Field(1, gt=0, description="CPUs Ray reserves per replica")
     gpus: float = Field(0, ge=0)
     max_adapters: int = Field(64, gt=0, description="adapters resident per replica (LRU beyond)")
-    # 32: on 2 CPU cores, 32 rows gave 1.16x the tokens/s of 16 and a tenth of the time to first token
-    # under the same overload (docs/benchmarks.md issue #12 (e3)); a decode step costs about the same.
+    # 32 (was 16): a decode step reads the weights once for all its rows, so on a loaded replica more rows
+    # share that cost and fewer requests wait for a row (docs/benchmarks.md issue #12 (e3)-(e5) run at 32).
     max_batch_size: int = Field(32, gt=0, description="rows decoding together (more wait in the queue)")
     # With continuous batching requests join the running batch at the next step; this wait only
     # applies when the replica is idle, so a burst shares one prefill instead of starting one by one.
