@@ -302,8 +302,9 @@ def request_mix(count: int, seed: int) -> list[tuple[int, str, int]]:
     return [(rng.randrange(1 << 30), PROMPTS[k % len(PROMPTS)], rng.randint(4, 64)) for k in range(count)]
 
 
-def naive_mixed(adapters: list[Path], mix: list[tuple[int, str, int]], count: int) -> dict:
-    """Naive serving of the same request mix: one request at a time, set_adapter per request."""
+def naive_mixed(adapters: list[Path], mix: list[tuple[int, str, int]], count: int, dtype: str = "float32") -> dict:
+    """Naive serving of the same request mix: one request at a time, set_adapter per request (the base in
+    `dtype`, PEFT's LoRA weights as PEFT keeps them)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -311,7 +312,7 @@ def naive_mixed(adapters: list[Path], mix: list[tuple[int, str, int]], count: in
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)),
                                       str(adapters[0]), adapter_name="a0").eval()
     for i, adapter in enumerate(adapters[1:count], start=1):
         model.load_adapter(str(adapter), adapter_name=f"a{i}")
@@ -325,8 +326,8 @@ def naive_mixed(adapters: list[Path], mix: list[tuple[int, str, int]], count: in
             out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             tokens += out.shape[1] - enc["input_ids"].shape[1]
     elapsed = time.perf_counter() - started
-    return {"requests": len(mix), "adapters": count, "seconds": elapsed, "req_per_s": len(mix) / elapsed,
-            "tokens_per_s": tokens / elapsed}
+    return {"requests": len(mix), "adapters": count, "dtype": dtype, "seconds": elapsed,
+            "req_per_s": len(mix) / elapsed, "tokens_per_s": tokens / elapsed}
 
 
 def poisson_load(url: str, models: list[str], mix: list[tuple[int, str, int]], rate: float,

@@ -77,12 +77,12 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 
 
 def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, prefix_cache_tokens: int,
-           threads: int) -> dict:
+           threads: int, dtype: str) -> dict:
     """Load the adapters through the admin API, then the Poisson mix; its figures and CPU split."""
     import requests
     from ray import serve
 
-    url = start_server({"max_queue": 256, "max_batch_size": max_batch_size}, 256,
+    url = start_server({"max_queue": 256, "max_batch_size": max_batch_size, "dtype": dtype}, 256,
                        limits={"prefix_cache_tokens": prefix_cache_tokens}, threads=threads)
     try:
         names = []
@@ -97,7 +97,7 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
         figures["cpu_busy_fraction_of_2_cores"] = round(sum(figures["cpu_s"].values()) / (2 * wall), 2)
         figures["tokens_per_s"] = figures["tokens"] / figures["seconds"]
         figures["server"] = {"max_batch_size": max_batch_size, "prefix_cache_tokens": prefix_cache_tokens,
-                             "threads": threads}
+                             "threads": threads, "dtype": dtype}
         decoding = requests.get(f"{url}/admin/adapters", headers={"Authorization": "Bearer bench"},
                                 timeout=60).json()["decoding_on_a_replica"]
         figures["prefix_cache"] = next(iter(decoding.values()))["prefix_cache"]
@@ -107,7 +107,7 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
 
 
 def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, prefix_cache_tokens: int,
-                  threads: int) -> dict:
+                  threads: int, dtype: str) -> dict:
     """The mix's arrivals (poisson_load's seed) submitted into a replica's engine in this process, one
     thread stepping it as the replica's scheduler does; where its time goes (decode vs prefill steps)."""
     import random
@@ -117,7 +117,7 @@ def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, p
     from onebase.serve.engine import BaseEngine, Row, load_path
     from onebase.serve.prefix_cache import PrefixCache
 
-    engine = BaseEngine("smollm2-135m-instruct", threads=threads)
+    engine = BaseEngine("smollm2-135m-instruct", threads=threads, dtype=dtype)
     loaded = [engine.load(f"adapter{i:03d}", load_path(p)) for i, p in enumerate(adapters)]
     engine.batcher.prefix = PrefixCache(prefix_cache_tokens)
     seqs: list = []
@@ -169,6 +169,8 @@ def main() -> None:
     # as CPUs it reserves; 2 oversubscribes the 2 cores the HTTP side shares (docs/benchmarks.md #12 (e5)).
     parser.add_argument("--threads", type=int, default=1,
                         help="the replica's torch threads (and the in-process engine's); naive always runs with 2")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the base's dtype, for the naive baseline, the server and the in-process engine alike")
     parser.add_argument("--out", default="serve-http", help="bench/results/<out>.json")
     parser.add_argument("--no-one-at-a-time", action="store_true",
                         help="skip the one-row server (minutes at high loads: it serves the whole mix one by one)")
@@ -182,8 +184,8 @@ def main() -> None:
     torch.set_num_threads(2)
     adapters = make_adapters(REPO / "bench" / "results" / "serve-adapters", max(args.adapters, 100))[: args.adapters]
     mix = request_mix(args.requests, seed=4)
-    out = {**header(), "model": "SmolLM2-135M-Instruct fp32", "adapters": args.adapters, "rate": args.rate}
-    out["naive_in_process"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters)
+    out = {**header(), "model": f"SmolLM2-135M-Instruct {args.dtype}", "adapters": args.adapters, "rate": args.rate}
+    out["naive_in_process"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters, args.dtype)
     print(json.dumps({"naive_in_process": out["naive_in_process"]}), flush=True)
     gc.collect()
     prefix = args.prefix_cache_tokens
@@ -192,15 +194,15 @@ def main() -> None:
     if args.prefix_cache_tokens:  # what the prefix cache adds, same server otherwise
         runs.append(("server_batched_no_prefix_cache", args.rows, 0))
     for name, rows, prefix_tokens in runs:
-        out[name] = served(adapters, mix, args.rate, rows, prefix_tokens, args.threads)
+        out[name] = served(adapters, mix, args.rate, rows, prefix_tokens, args.threads, args.dtype)
         print(json.dumps({name: out[name]}), flush=True)
     out["engine_in_process"] = engine_replay(adapters, mix, args.rate, args.rows, args.prefix_cache_tokens,
-                                             args.threads)
+                                             args.threads, args.dtype)
     torch.set_num_threads(2)  # the naive baseline's, as at the start
     print(json.dumps({"engine_in_process": out["engine_in_process"]}), flush=True)
     # Measured again at the end: a baseline slowed by a passing load would flatter every ratio; the faster
     # of the two is the one the ratios use.
-    out["naive_in_process_again"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters)
+    out["naive_in_process_again"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters, args.dtype)
     print(json.dumps({"naive_in_process_again": out["naive_in_process_again"]}), flush=True)
     naive_tps = max(out["naive_in_process"]["tokens_per_s"], out["naive_in_process_again"]["tokens_per_s"])
     naive_rps = max(out["naive_in_process"]["req_per_s"], out["naive_in_process_again"]["req_per_s"])

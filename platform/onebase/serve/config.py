@@ -28,6 +28,11 @@ class BaseSpec(Strict):
     threads: int | None = Field(None, gt=0, description="torch threads per replica")
     cpus: float = Field(1, gt=0, description="CPUs Ray reserves per replica")
     gpus: float = Field(0, ge=0)
+    # bfloat16 halves the weights' memory and, on CPUs with AVX512-BF16 or AMX, runs matmuls at about twice
+    # fp32's rate (docs/benchmarks.md issue #12 (e6)); elsewhere it can be slower, so fp32 stays the default.
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights and activations of the base and its adapters (adapters trained in "
+                               "fp32 load into any)")
     max_adapters: int = Field(64, gt=0, description="adapters resident per replica (LRU beyond)")
     # 32 (was 16): a decode step reads the weights once for all its rows, so on a loaded replica more rows
     # share that cost and fewer requests wait for a row (docs/benchmarks.md issue #12 (e3)-(e5) run at 32).

@@ -279,7 +279,7 @@ class _Batch:
         self.virtual = None if recompute_prompts else getattr(runner, "virtual", None)
         self.cached = self.virtual is not None or not prompt_learning(runner.model)
         # Only the last position's logits are used: a prefill need not run the LM head on every token.
-        self.last_only = {"logits_to_keep": 1} if _keeps_last_logits(runner.model) else {}
+        self.keeps_last = _keeps_last_logits(runner.model)
 
     def decode(self, decoder: Decoder) -> None:
         live = [i for i, s in enumerate(self.seqs) if s.finish_reason is None and not s.cancelled]
@@ -368,18 +368,18 @@ class _Batch:
         cache = virtual.cache(len(ids))
         if virtual.prefix is not None:
             out = virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions[:, virtual.count:],
-                               past_key_values=cache, use_cache=True, **self.last_only)
+                               past_key_values=cache, use_cache=True, **self._last_only(ids.shape[1]))
         else:
             out = virtual.base(inputs_embeds=virtual.inputs(ids), attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True, **self.last_only)
+                               past_key_values=cache, use_cache=True, **self._last_only(mask.shape[1]))
         return out.logits[:, -1], cache, mask
 
     def _forward(self, ids, mask, positions, cache, keys: list[str | None]) -> torch.Tensor:
         runner = self.runner
         if self.virtual is not None:  # after prefill a prompt-learning row is a plain row of the base
-            return self.virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True, **self.last_only).logits[:, -1]
-        kwargs: dict[str, Any] = dict(self.last_only)
+            return self.virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                     use_cache=True, **self._last_only(ids.shape[1])).logits[:, -1]
+        kwargs: dict[str, Any] = self._last_only(ids.shape[1])
         gathered = runner.gathered if runner.mixed and runner.gathered is not None and runner.gathered.covers(keys) \
             else None
         if runner.mixed and gathered is None:
@@ -392,6 +392,12 @@ class _Batch:
             out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                use_cache=True, **kwargs)
         return out.logits[:, -1]
+
+    def _last_only(self, length: int) -> dict[str, Any]:
+        """The forward argument that keeps only the last of `length` positions' logits. An index, not the
+        int 1: transformers slices the hidden states with it, and the LM head over the strided slice of a
+        prefill made torch copy its weight once per row (measured: 0.3 s fp32, 2.9 s bf16 at 32 rows)."""
+        return {"logits_to_keep": torch.tensor([length - 1])} if self.keeps_last else {}
 
     def _recompute(self, seq: Sequence) -> torch.Tensor:
         ids = torch.tensor([seq.prompt + seq.tokens])

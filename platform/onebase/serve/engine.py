@@ -85,12 +85,14 @@ class Row:
 
 
 class BaseEngine:
-    def __init__(self, model: str, task: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, model: str, task: str | None = None, threads: int | None = None,
+                 dtype: str = "float32") -> None:
         import transformers
 
         if threads:
             torch.set_num_threads(threads)
         self.name = model
+        self.dtype: torch.dtype = getattr(torch, dtype)
         self.path = resolve_model(model)
         self.config = transformers.AutoConfig.from_pretrained(self.path)
         self.decoder = _is_decoder(self.config)
@@ -100,9 +102,11 @@ class BaseEngine:
         # head of its own; its specialists bring theirs).
         auto = transformers.AutoModelForCausalLM if self.task == "causal-lm" else transformers.AutoModel
         self.base = auto.from_pretrained(self.path, dtype=torch.float32).eval().requires_grad_(False)
+        # Fingerprints hash the fp32 weights training saw, so they are taken before any cast.
         self.fingerprint = base_fingerprint(self.base)
         # Token-classification and QA heads are built without the pooler: their backbone is the rest.
         self.fingerprints = {self.fingerprint, base_fingerprint(self.base, skip=("pooler.",))}
+        self.base.to(self.dtype)
         # Name -> tensor as loaded, before any adapter touched a module (tied weights appear under both names).
         self.tensors: dict[str, torch.Tensor] = {
             **dict(self.base.named_parameters(remove_duplicate=False)),
@@ -173,12 +177,12 @@ class BaseEngine:
                 from peft import PeftModel
 
                 view = self.view(info.task, labels)
-                model = PeftModel.from_pretrained(view, str(info.path), adapter_name=key).eval()
+                model = self._cast(PeftModel.from_pretrained(view, str(info.path), adapter_name=key).eval())
                 pool = self.pools[pool_key] = Runner(model, info.task, labels, mixed=True, lora=LoraPool(model),
                                                      gathered=GatheredLora(model) if info.task == "causal-lm" else None)
             elif not pool.lora.add(key, info.path):
                 pool.model.load_adapter(str(info.path), adapter_name=key, low_cpu_mem_usage=True)
-                pool.model.eval()
+                self._cast(pool.model).eval()
                 fast, pool.lora = pool.lora.fast, LoraPool(pool.model)  # PEFT may have wrapped new layers
                 pool.lora.fast = fast
             pool.keys.add(key)
@@ -187,10 +191,15 @@ class BaseEngine:
             return pool
         private = _overwritten_base_tensors(info)
         view = self.view(info.task, labels, private=private)
-        model = get_method(info.method).load(view, info.path).eval()
+        model = self._cast(get_method(info.method).load(view, info.path).eval())
         _require_loaded(model, info)
         virtual = virtual_tokens(model) if info.task == "causal-lm" else None
         return Runner(model, info.task, labels, mixed=False, keys={key}, virtual=virtual)
+
+    def _cast(self, model: nn.Module) -> nn.Module:
+        """An adapter's own tensors (heads, bottlenecks, prompt encoders; PEFT keeps LoRA in fp32) in the
+        served dtype, so one forward runs in one dtype; the shared base tensors already are."""
+        return model if self.dtype == torch.float32 else model.to(self.dtype)
 
     def _detach(self, loaded: Loaded) -> None:
         with self.lock:
@@ -219,7 +228,7 @@ class BaseEngine:
             config.pad_token_id = self.tokenizer.pad_token_id  # decoder classifiers find the last token by it
         auto = getattr(transformers, AUTO_CLASSES[task])
         with torch.device("meta"):
-            model = auto.from_config(config, dtype=torch.float32)
+            model = auto.from_config(config, dtype=self.dtype)
         prefix = f"{model.base_model_prefix}."
         heads = tuple(f"{name}." for name in head_modules(model))
         for module_name, module in model.named_modules():
