@@ -404,32 +404,32 @@ class _Batch:
         return self.runner.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
 
     def _merge(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+        """The prefilled rows join: their KV is written into the batch's buffers (`kv_slots`)."""
+        from onebase.serve.kv_slots import SlotCache
+
         if self.cache is None or not self.seqs:
-            self.cache, self.mask, self.seqs = cache, mask, list(seqs)
+            self.cache, self.mask, self.seqs = SlotCache(cache.layers), mask, list(seqs)
             return
         width = max(self.mask.shape[1], mask.shape[1])
         self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
-            mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
+        self.cache.append(cache.layers)
         self.seqs += seqs
 
     def _keep(self, rows: list[int]) -> None:
+        """Keep these rows (ascending); the cache fills the places of rows that left with later rows, and
+        the rows' order follows it."""
         if len(rows) == len(self.seqs):
             return
+        if self.cached and self.cache is not None and rows:
+            rows = self.cache.keep(rows)
+            self.mask = self.mask[torch.tensor(rows)]
+            start = int((self.mask.sum(0) > 0).int().argmax())  # columns that are padding for every row go
+            self.mask = self.mask[:, start:]
+            self.cache.trim(start)
+        elif not rows:
+            self.cache, self.mask = None, None
         self.seqs = [self.seqs[i] for i in rows]
         self.last = [s.tokens[-1] for s in self.seqs]  # live rows always hold their unfed token
-        if not self.cached or self.cache is None:
-            return
-        if not rows:
-            self.cache, self.mask = None, None
-            return
-        index = torch.tensor(rows)
-        self.mask = self.mask[index]
-        start = int((self.mask.sum(0) > 0).int().argmax())  # columns that are padding for every row go
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
 
 
 def _left_padded(seqs: list[Sequence], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
