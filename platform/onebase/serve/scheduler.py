@@ -53,6 +53,9 @@ class Scheduler:
         self.jobs: deque[tuple[str, list, Any, asyncio.AbstractEventLoop]] = deque()  # heads' forwards
         self.wake = threading.Condition()
         self.steps = 0
+        # Events of one step (pieces, results) for the request handlers' event loops, handed over once per
+        # step and loop: one wake-up of the replica's loop per step instead of one per row and token.
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, tuple]] = []
         threading.Thread(target=self._loop, name="onebase-scheduler", daemon=True).start()
 
     # ---- called from the replica's event loop -------------------------------------------------
@@ -90,9 +93,9 @@ class Scheduler:
         events: asyncio.Queue = asyncio.Queue()
         for i, seq in enumerate(seqs):
             if stream:  # a whole-answer request needs no per-token hop into the event loop
-                seq.on_text = lambda text, logprobs, i=i: loop.call_soon_threadsafe(
-                    events.put_nowait, (i, Piece(text, logprobs)))
-            seq.on_done = lambda seq=seq, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, seq.result()))
+                seq.on_text = lambda text, logprobs, i=i: self._outbox.append(
+                    (loop, events, (i, Piece(text, logprobs))))
+            seq.on_done = lambda seq=seq, i=i: self._outbox.append((loop, events, (i, seq.result())))
         with self.wake:
             for seq in seqs:
                 self.batcher.submit(seq)
@@ -125,6 +128,19 @@ class Scheduler:
                 self.steps += 1
             except Exception as err:  # a failing step fails its requests, never the loop
                 self.batcher.fail_all(err)
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """This step's events to their event loops, one call per loop (the decoding thread fills the outbox)."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
+        for loop, events, item in outbox:
+            by_loop.setdefault(loop, []).append((events, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop has closed: nobody waits for these events any more
+                pass
 
     def _predict(self) -> None:
         with self.wake:
@@ -161,6 +177,11 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for events, item in items:
+        events.put_nowait(item)
 
 
 def _drain(events: asyncio.Queue) -> list:
