@@ -18,6 +18,7 @@ before and after: on a 2-core machine the clients, the proxy and the gateway tak
 replica.
 
     .venv/bin/python bench/serve_http.py --requests 64 --rate 4 --adapters 10      # ~9 min on 2 cores
+    .venv/bin/python bench/serve_http.py --requests 128 --rate 8 --adapters 100 --no-one-at-a-time --dtype bfloat16
 Prints and writes bench/results/serve-http.json.
 """
 

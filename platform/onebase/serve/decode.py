@@ -396,7 +396,7 @@ class _Batch:
     def _last_only(self, length: int) -> dict[str, Any]:
         """The forward argument that keeps only the last of `length` positions' logits. An index, not the
         int 1: transformers slices the hidden states with it, and the LM head over the strided slice of a
-        prefill made torch copy its weight once per row (measured: 0.3 s fp32, 2.9 s bf16 at 32 rows)."""
+        prefill made torch copy its whole weight once per row (docs/benchmarks.md issue #12 (e6))."""
         return {"logits_to_keep": torch.tensor([length - 1])} if self.keeps_last else {}
 
     def _recompute(self, seq: Sequence) -> torch.Tensor:
