@@ -177,7 +177,8 @@ class Decoder:
         return arrived
 
     def held(self) -> int:
-        """KV-cache positions the running batches' cache tensors hold now (rows x padded width)."""
+        """KV-cache positions the running batches hold now (rows x padded width); their buffers keep spare
+        rows and columns beside these (`kv_slots`: up to about twice as many, until the batch grows)."""
         return sum(len(b.seqs) * b.mask.shape[1] for b in self.batches.values() if b.cache is not None)
 
     def run(self, seqs: list[Sequence]) -> list[dict[str, Any]]:
