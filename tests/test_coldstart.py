@@ -111,3 +111,53 @@ def test_a_worker_that_relays_imports_deepspeed_without_mlflow():
 
     assert imported(True) == ["False", "False", "True"]
     assert imported(False) == ["True", "True", "True"]
+
+
+FORKED_PREFLIGHT = """
+import json, sys
+from onebase.errors import OnebaseError
+from onebase.spec import parse_spec
+from onebase.train.forked_checks import ModelChecks
+from onebase.train.preflight import preflight
+
+def outcome(spec, checks):
+    try:
+        return preflight(parse_spec(spec), sys.argv[2], checks).model_path
+    except OnebaseError as err:
+        return f"{type(err).__name__}: {err}"
+
+specs = json.loads(sys.argv[1])
+forked = []
+for spec in specs:  # as `onebase run` does: the checks forked first, then pre-flight in this process
+    checks = ModelChecks.start(parse_spec(spec))
+    try:
+        forked.append([checks.pid is not None, outcome(spec, checks)])
+    finally:
+        checks.close()
+print(json.dumps({"forked": forked, "here": [outcome(spec, None) for spec in specs]}))
+"""
+
+
+def test_model_checks_on_a_forked_process_say_what_checks_in_this_process_say_in_the_same_order(workspace):
+    """`onebase run` checks the model and the method on a forked process while it imports the rest
+    (train/forked_checks.py): a spec passes or fails there exactly as when every check runs here, and
+    with two problems the one pre-flight checks first is named (model, method base, data, method)."""
+    good = tiny_spec("tiny-forked", method={"name": "lora", "target_modules": ["query", "value"]})
+    no_data = {"source": str(workspace / "missing.csv")}
+    specs = [good,
+             {**good, "method": {"name": "lora", "target_modules": ["nothing"]}},
+             {**good, "method": {"name": "lora", "target_modules": ["nothing"]}, "data": no_data},
+             {**good, "model": {"name": "no-such-model"}, "data": no_data}]
+    uri = f"sqlite:///{workspace / 'forked.db'}"
+    done = subprocess.run([sys.executable, "-c", FORKED_PREFLIGHT, json.dumps(specs), uri],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert all(forked for forked, _ in seen["forked"]), "a fresh interpreter forks the checks"
+    assert [line for _, line in seen["forked"]] == seen["here"]
+    passed, no_module, data_first, model_first = seen["here"]
+    assert "Error" not in passed
+    assert no_module.startswith("SpecError: method: lora cannot be applied"), no_module
+    assert data_first.startswith("DataError: data.source"), data_first
+    assert model_first.startswith("ModelError: model.name"), model_first
+

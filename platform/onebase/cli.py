@@ -55,10 +55,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from onebase.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)  # fails fast, before importing Ray or torch
-    from onebase.train.launch import print_summary, run_job
+    from onebase.train.forked_checks import ModelChecks
 
-    result = run_job(spec, Path(args.spec).read_text(), address=args.address, resume=args.resume,
-                     tracking_uri=args.tracking_uri, verbose=args.verbose)
+    checks = ModelChecks.start(spec)  # on a second process while this one imports Ray, torch, MLflow
+    try:
+        from onebase.train.launch import print_summary, run_job
+
+        result = run_job(spec, Path(args.spec).read_text(), address=args.address, resume=args.resume,
+                         tracking_uri=args.tracking_uri, verbose=args.verbose, model_checks=checks)
+    finally:
+        checks.close()
     print_summary(result)
     return 0
 

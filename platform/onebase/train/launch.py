@@ -20,6 +20,7 @@ from onebase.tracking import mlflow_run, registry
 from onebase.train import heldout, startup
 from onebase.train.console import Console, ProgressBoard
 from onebase.train.ds_ops import extensions_dir, pin_ninja
+from onebase.train.forked_checks import ModelChecks
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, train_loop_per_worker
 from onebase.train.preflight import check_method_base, preflight
 from onebase.train.tracker import Recorder
@@ -45,22 +46,32 @@ class RunResult:
 
 
 def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: bool = False,
-            tracking_uri: str | None = None, echo=print, verbose: bool = False, progress: bool = True) -> RunResult:
+            tracking_uri: str | None = None, echo=print, verbose: bool = False, progress: bool = True,
+            model_checks: ModelChecks | None = None) -> RunResult:
     """`verbose`: Ray's, DeepSpeed's and the workers' own log lines on the console too;
-    `progress`: the live progress bar / lines (see train/console.py)."""
+    `progress`: the live progress bar / lines (see train/console.py); `model_checks`: pre-flight's
+    model checks already started on a second process (train/forked_checks.py, the CLI's)."""
     started = time.time()  # the worker reports how long it took from here to its first step
     uri = mlflow_run.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     job_dir = Path(spec.output.path).expanduser().resolve() / spec.name
     previous = read_state(job_dir) if resume else None
 
-    checked = preflight(spec, uri)
+    tracking = None
+    if model_checks is not None:  # while the model checks run on their process (~2.5 s), this one
+        import mlflow  # noqa: F401 - imports MLflow (~0.7 s)
+
+        if not verbose:
+            runtime.quiet_driver_loggers()
+        if startup.existing_sqlite_store(uri):  # and opens a store that is there already: reading only
+            tracking = startup.TrackingWarmup(uri)
+    checked = preflight(spec, uri, model_checks)
     model_path, dataset = checked.model_path, checked.dataset
     echo(f"data: {len(dataset.train)} training / {len(dataset.validation)} validation rows"
          + (f", labels {dataset.labels}" if dataset.labels else ""))
 
     if not verbose:
         runtime.quiet_driver_loggers()  # before the store opens on its thread: its set-up lines stay off
-    tracking = startup.TrackingWarmup(uri)  # while Ray starts
+    tracking = tracking or startup.TrackingWarmup(uri)  # while Ray starts
     dashboard = connect_ray(address, quiet=not verbose)
     if is_local(address):
         startup.prestart_train_actors()  # while the MLflow run opens

@@ -15,10 +15,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from onebase.data.sources import Dataset, load_dataset
-from onebase.errors import SpecError, error_line
+from onebase.errors import OnebaseError, SpecError, error_line
 from onebase.methods import get_method
 from onebase.model.assets import check_model_available
 from onebase.spec.schema import JobSpec
+from onebase.train.forked_checks import ModelChecks
 from onebase.train.heldout import HeldOut, check_held_out
 
 # MLflow tracking stores onebase can write to: a database, a local folder, or a tracking server.
@@ -33,12 +34,24 @@ class Checked:
     held_out: list[HeldOut]  # prepared once here, scored after training
 
 
-def preflight(spec: JobSpec, tracking_uri: str) -> Checked:
-    """Model, method on that model, data, tracking store, output folder: in that order."""
-    model_path = check_model_available(spec.model.name, spec.model.revision)
-    check_method_base(spec, model_path)
-    dataset = load_dataset(spec)
-    check_method_applies(spec, model_path, dataset.labels)
+def preflight(spec: JobSpec, tracking_uri: str, model_checks: ModelChecks | None = None) -> Checked:
+    """Model, method on that model, data, tracking store, output folder: in that order.
+
+    `model_checks`: the model's checks already under way on a second process (train/forked_checks.py,
+    `onebase run`); their errors still come in this order."""
+    if model_checks is None:
+        model_path = check_model_available(spec.model.name, spec.model.revision)
+        check_method_base(spec, model_path)
+    try:
+        dataset = load_dataset(spec)
+    except OnebaseError:
+        if model_checks is not None:
+            model_checks.failed_before_data()
+        raise
+    if model_checks is None:
+        check_method_applies(spec, model_path, dataset.labels)
+    else:
+        model_path = model_checks.model_path(dataset.labels)
     held_out = check_held_out(spec)  # evaluation.held_out: each task a valid zero-shot program whose rows load
     check_tracking_uri(tracking_uri)
     check_output_writable(spec.output.path)

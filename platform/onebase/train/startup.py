@@ -9,6 +9,7 @@ time, so each process Ray Train starts on the way to the first step delays it.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 from onebase.tracking import mlflow_run
@@ -63,6 +64,15 @@ def trainer_class(alone_on_local_ray: bool = False):
             return [c for c in callbacks if not isinstance(c, unused)] if unused else callbacks
 
     return Trainer
+
+
+def existing_sqlite_store(uri: str) -> bool:
+    """A sqlite tracking store whose database file is there already: opening it writes nothing (a
+    new or empty one gets MLflow's tables), so it may be opened before pre-flight has passed."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    db = Path(uri.removeprefix("sqlite:///")).expanduser()
+    return db.is_file() and db.stat().st_size > 0
 
 
 class TrackingWarmup:
