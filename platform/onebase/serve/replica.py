@@ -65,6 +65,12 @@ class BaseServer:
         self._reaper: asyncio.Task | None = None
         self.stats = ReplicaStats(self.spec.model_name)
         self.replica_id = _replica_id()
+        self._closing = False
+
+    def __del__(self) -> None:
+        """Serve calls this first when the replica shuts down, then unloads the adapters it holds: the
+        catalog sync stops here, so it does not load them again meanwhile."""
+        self._closing = True
 
     async def get_adapter(self, model_id: str) -> Resident:
         raise NotImplementedError  # replaced per base by server_deployment (the LRU size is per base)
@@ -97,8 +103,10 @@ class BaseServer:
         Serve's LRU would free them only when the slot is needed; a revision is reaped after two
         passes out of the catalog, so a request routed just before a switch still finds it."""
         stale: set[str] = set()
-        while True:
+        while not self._closing:
             await asyncio.sleep(1)
+            if self._closing:
+                return
             try:
                 await self._report()
                 live = set(await self.catalog.live_keys.remote())
@@ -121,6 +129,8 @@ class BaseServer:
     async def _preload(self) -> None:
         held = {a.tag for a in self.engine.adapters.values() if not a.closing}
         for key in await self.catalog.active_keys.remote(self.spec.model_name):
+            if self._closing:
+                return
             if key in held or len(held) >= self.spec.max_adapters:
                 continue
             try:
