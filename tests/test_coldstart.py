@@ -134,7 +134,9 @@ for spec in specs:  # as `onebase run` does: the checks forked first, then pre-f
         forked.append([checks.pid is not None, outcome(spec, checks)])
     finally:
         checks.close()
-print(json.dumps({"forked": forked, "here": [outcome(spec, None) for spec in specs]}))
+# No child (threads already running, no fork): the same checks, in the same order, in this process.
+unforked = [outcome(spec, ModelChecks(parse_spec(spec), None, None)) for spec in specs]
+print(json.dumps({"forked": forked, "unforked": unforked, "here": [outcome(spec, None) for spec in specs]}))
 """
 
 
@@ -154,7 +156,7 @@ def test_model_checks_on_a_forked_process_say_what_checks_in_this_process_say_in
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.splitlines()[-1])
     assert all(forked for forked, _ in seen["forked"]), "a fresh interpreter forks the checks"
-    assert [line for _, line in seen["forked"]] == seen["here"]
+    assert [line for _, line in seen["forked"]] == seen["here"] == seen["unforked"]
     passed, no_module, data_first, model_first = seen["here"]
     assert "Error" not in passed
     assert no_module.startswith("SpecError: method: lora cannot be applied"), no_module

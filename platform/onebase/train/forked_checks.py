@@ -22,10 +22,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from onebase.spec.schema import JobSpec
 
-# The checks in pre-flight's order; the data is loaded between "base" and "applies" (for its labels).
-STAGES = ("model", "base", "data", "applies")
-
-
 class ModelChecks:
     """check_model_available, check_method_base and check_method_applies of one spec, on a forked child."""
 
@@ -51,6 +47,8 @@ class ModelChecks:
         verdict = self._wait()
         if verdict.get("stage") in ("model", "base"):
             raise _error(verdict)
+        if not verdict:  # no child, or no verdict from it: the model's checks here, still before the data's
+            _check_model(self.spec)
 
     def model_path(self, labels: list[str] | None) -> str:
         """The resolved model path once every model check passed; the first failure's error otherwise."""
@@ -86,19 +84,28 @@ class ModelChecks:
         return self.verdict
 
 
-def _check_here(spec: JobSpec, labels: list[str] | None) -> str:
+def _check_model(spec: JobSpec) -> str:
+    """The model resolves and the method may apply to it (pre-flight's first two checks); its path."""
     from onebase.model.assets import check_model_available
-    from onebase.train.preflight import check_method_applies, check_method_base
+    from onebase.train.preflight import check_method_base
 
     model_path = check_model_available(spec.model.name, spec.model.revision)
     check_method_base(spec, model_path)
+    return model_path
+
+
+def _check_here(spec: JobSpec, labels: list[str] | None) -> str:
+    from onebase.train.preflight import check_method_applies
+
+    model_path = _check_model(spec)
     check_method_applies(spec, model_path, labels)
     return model_path
 
 
 def _child(spec: JobSpec, writer: int) -> None:
     """Run the checks and write one JSON verdict: {"model_path"}, {"stage", "kind", "message"} for a
-    user error, or {} (anything unexpected: the parent then checks in its own process)."""
+    user error, {"stage": "data"} when the data did not load (the model's checks had passed), or {}
+    (anything unexpected: the parent then checks in its own process)."""
     verdict: dict = {}
     stage = "model"
     try:
@@ -118,7 +125,8 @@ def _child(spec: JobSpec, writer: int) -> None:
             verdict = {"model_path": model_path}
         except OnebaseError as err:
             # A data error is the parent's to report (it loads the same data); it then asks no more.
-            verdict = {} if stage == "data" else {"stage": stage, "kind": type(err).__name__, "message": str(err)}
+            verdict = {"stage": "data"} if stage == "data" else \
+                {"stage": stage, "kind": type(err).__name__, "message": str(err)}
     except BaseException:  # noqa: BLE001 - anything else: the parent repeats the checks and shows it as before
         verdict = {}
     finally:
