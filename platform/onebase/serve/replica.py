@@ -103,7 +103,7 @@ class BaseServer:
         Serve's LRU would free them only when the slot is needed; a revision is reaped after two
         passes out of the catalog, so a request routed just before a switch still finds it."""
         stale: set[str] = set()
-        while not self._closing:
+        while True:
             await asyncio.sleep(1)
             if self._closing:
                 return
