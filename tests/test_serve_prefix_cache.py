@@ -101,3 +101,24 @@ def test_the_cache_stays_within_its_budget_and_forgets_an_unloaded_adapter(setup
     assert adapters[0].key in owners
     cached.unload(adapters[0])
     assert adapters[0].key not in {entry.owner[1] for entry in cached.batcher.prefix.entries.values()}
+
+
+def test_a_long_prompt_with_nothing_kept_does_not_cost_the_others_their_reuse(setup):
+    """One forward gives its rows the same reused columns, so a long fresh prompt would make the whole
+    group compute everything: such arrivals are prefilled apart, and still answer the same."""
+    base, loras = setup
+    plain, plain_adapters = engine_with(base, loras, 0)
+    cached, adapters = engine_with(base, loras, 4096)
+    system = SYSTEM * 3
+    fresh = " ".join(QUESTIONS) * 3  # on the other adapter, longer than the reusing prompt, nothing kept
+
+    def rows(engine_adapters):
+        a, b = engine_adapters
+        return [[Row(a, system + QUESTIONS[0])], [Row(a, system + QUESTIONS[1]), Row(b, fresh)]]
+
+    for plain_group, cached_group in zip(rows(plain_adapters), rows(adapters)):
+        assert_same(answers(cached, cached_group), answers(plain, plain_group))
+    figures = cached.batcher.prefix.summary()
+    kept = len(cached.tokenizer(system)["input_ids"])
+    assert len(cached.tokenizer(fresh)["input_ids"]) > len(cached.tokenizer(system + QUESTIONS[1])["input_ids"])
+    assert figures["hits"] == 1 and figures["reused_tokens"] >= kept - 2

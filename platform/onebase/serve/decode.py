@@ -39,10 +39,13 @@ import torch
 
 from onebase.errors import error_line
 from onebase.serve.kv_budget import KvBudget
-from onebase.serve.prefix_cache import PrefixCache, plan
+from onebase.serve.prefix_cache import PrefixCache, plan, reused
 from onebase.serve.virtual import prompt_learning
 
 BASE = "__base__"
+# Prompt tokens a second prefill forward must save to be worth its fixed cost (on the 2-core CPU a
+# forward's fixed cost is about what 15-20 prompt tokens cost, docs/benchmarks.md issue #12 (e7)).
+SPLIT_GAIN = 32
 
 
 @dataclass
@@ -309,17 +312,36 @@ class _Batch:
             self.seqs += seqs
             self._after(decoder)
             return
-        width = max(len(s.prompt) for s in seqs)
-        ids, mask = _left_padded(seqs, width, decoder.tokenizer.pad_token_id or 0)
-        if self.virtual is not None:
-            logits, cache, mask = self._prefill_virtual(ids, mask)
-        else:
-            logits, cache = self._prefill(decoder.prefix, seqs, ids, mask)
-            self._keep_prompts(decoder.prefix, seqs, cache, width)
-        decoder.choose(seqs, logits)
-        self._merge(seqs, cache, mask)
-        decoder.kv.note(held=decoder.held())
+        groups = [seqs] if self.virtual is not None else self._reuse_groups(decoder.prefix, seqs)
+        for group in groups:
+            width = max(len(s.prompt) for s in group)
+            ids, mask = _left_padded(group, width, decoder.tokenizer.pad_token_id or 0)
+            if self.virtual is not None:
+                logits, cache, mask = self._prefill_virtual(ids, mask)
+            else:
+                logits, cache = self._prefill(decoder.prefix, group, ids, mask)
+                self._keep_prompts(decoder.prefix, group, cache, width)
+            decoder.choose(group, logits)
+            self._merge(group, cache, mask)
+            decoder.kv.note(held=decoder.held())
         self._after(decoder)
+
+    def _reuse_groups(self, prefix: PrefixCache, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The arrivals as one prefill, or as two (rows that reuse kept KV, then the others) when the
+        others would cut the first rows' reuse by at least SPLIT_GAIN tokens: one forward gives every row
+        the same reused columns (`prefix_cache.plan`), so a long prompt with nothing kept makes its group
+        compute everything."""
+        if not prefix.max_tokens or len(seqs) < 2:
+            return [seqs]
+        hits = [prefix.lookup(self._owner(s), s.prompt, touch=False)[0] for s in seqs]
+        reusing = [s for s, h in zip(seqs, hits) if h]
+        if not reusing or len(reusing) == len(seqs):
+            return [seqs]
+        lengths = [len(s.prompt) for s in seqs]
+        gain = reused(*zip(*[(n, h) for n, h in zip(lengths, hits) if h])) - reused(lengths, hits)
+        if gain < SPLIT_GAIN:
+            return [seqs]
+        return [reusing, [s for s, h in zip(seqs, hits) if not h]]
 
     def _prefill(self, prefix: PrefixCache, seqs: list[Sequence], ids: torch.Tensor, mask: torch.Tensor):
         """One forward over the left-padded prompts; the leading columns the prefix cache holds for every

@@ -13,7 +13,8 @@ one's logits start the answer). An adapter's entries go when it is unloaded.
 
 The batch layout does not change: rows stay left-padded to the longest prompt, and the group's
 reused columns are the same for every row (`plan`), so the KV budget's reservations still bound
-what a batch holds.
+what a batch holds. Arrivals with nothing kept are prefilled apart when they would cut the others'
+reuse by enough to pay for a second forward (`decode._Batch._reuse_groups`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class PrefixCache:
         self.held = 0
         self.hits = self.misses = self.reused = self.prefilled = 0
 
-    def lookup(self, owner: tuple[int, str | None], prompt: list[int]) -> tuple[int, Entry | None]:
-        """The longest kept prefix of `prompt` for this owner (at most len - 1 tokens) and its entry."""
+    def lookup(self, owner: tuple[int, str | None], prompt: list[int], touch: bool = True) -> tuple[int, Entry | None]:
+        """The longest kept prefix of `prompt` for this owner (at most len - 1 tokens) and its entry;
+        `touch`: count it as used (least recently used entries go first)."""
         best, found = 0, None
         if self.max_tokens:
             for entry in self.entries.values():
@@ -54,7 +56,8 @@ class PrefixCache:
                         best, found = shared, entry
         if best < MIN_REUSE:
             return 0, None
-        self.entries.move_to_end(id(found))
+        if touch:
+            self.entries.move_to_end(id(found))
         return best, found
 
     def wants(self, owner: tuple[int, str | None], prompt: list[int]) -> bool:
@@ -108,6 +111,12 @@ def plan(lengths: list[int], hits: list[int]) -> int:
     width = max(lengths)
     suffix = max(n - h for n, h in zip(lengths, hits))
     return width - suffix
+
+
+def reused(lengths: list[int], hits: list[int]) -> int:
+    """Prompt tokens one prefill of these rows takes from kept KV (`plan`'s columns, per row)."""
+    suffix = max(lengths) - plan(lengths, hits)
+    return sum(max(0, n - suffix) for n, h in zip(lengths, hits) if h)
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
