@@ -43,8 +43,8 @@ from onebase.serve.prefix_cache import PrefixCache, plan, reused
 from onebase.serve.virtual import prompt_learning
 
 BASE = "__base__"
-# Prompt tokens a second prefill forward must save to be worth its fixed cost (on the 2-core CPU a
-# forward's fixed cost is about what 15-20 prompt tokens cost, docs/benchmarks.md issue #12 (e7)).
+# Prompt tokens a second prefill forward must save to be worth it: it reads every weight once more and
+# runs every layer's kernels again whatever its length.
 SPLIT_GAIN = 32
 
 
