@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--out", default="serve-http", help="bench/results/<out>.json")
     parser.add_argument("--no-one-at-a-time", action="store_true",
                         help="skip the one-row server (minutes at high loads: it serves the whole mix one by one)")
+    parser.add_argument("--no-cache-off", action="store_true",
+                        help="skip the batched server with its prefix cache off (what the cache adds)")
     parser.add_argument("--rows", type=int, default=32, help="the batched server's max_batch_size (its default)")
     parser.add_argument("--prefix-cache-tokens", type=int, default=2048,
                         help="the server's limits.prefix_cache_tokens (its default; 0: off)")
@@ -192,7 +194,7 @@ def main() -> None:
     prefix = args.prefix_cache_tokens
     runs = [("server_batched", args.rows, prefix)] + ([] if args.no_one_at_a_time else
                                                        [("server_one_at_a_time", 1, prefix)])
-    if args.prefix_cache_tokens:  # what the prefix cache adds, same server otherwise
+    if args.prefix_cache_tokens and not args.no_cache_off:  # what the prefix cache adds, same server otherwise
         runs.append(("server_batched_no_prefix_cache", args.rows, 0))
     for name, rows, prefix_tokens in runs:
         out[name] = served(adapters, mix, args.rate, rows, prefix_tokens, args.threads, args.dtype)
