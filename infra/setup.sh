@@ -5,6 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# NVMe offload: DeepSpeed's async_io op links libaio. Checked on every run, before the stamp below
+# (a venv installed before this step, or a machine that lost the package, still gets it): one file
+# test when it is there; where it is not, installed if apt-get works as root, else one line and on
+# (only specs asking for nvme offload need it: `onebase validate` refuses them in one line).
+if [ ! -e /usr/include/libaio.h ]; then
+  aio() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libaio-dev >/dev/null 2>&1; }
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && { aio || { apt-get update -qq >/dev/null 2>&1 && aio; }; }; then
+    echo "setup: installed libaio-dev (NVMe offload)"
+  else
+    echo "setup: libaio-dev missing and not installable here (needs root and apt-get): NVMe offload is refused until it is installed" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -124,8 +124,9 @@ SHIPPED_JOBS = sorted(p for p in (REPO / "jobs").glob("*.yaml") if is_job_spec(p
 FREE_FORM = {("scaling", "resources_per_worker")}
 
 
-def run_batch(workspace: Path, cases: list[list[str]]) -> tuple[list[dict], Path]:
-    """Each argv through `onebase.cli.main` in one fresh interpreter; its Ray temp dir comes back to check."""
+def run_batch(workspace: Path, cases: list[list[str]], env: dict | None = None) -> tuple[list[dict], Path]:
+    """Each argv through `onebase.cli.main` in one fresh interpreter (`env` added to its environment);
+    its Ray temp dir comes back to check."""
     ray_tmp = fresh_ray_tmp()
     cases_file, results_file = workspace / "cases.json", workspace / "results.json"
     cases_file.write_text(json.dumps(cases))
@@ -134,7 +135,7 @@ def run_batch(workspace: Path, cases: list[list[str]]) -> tuple[list[dict], Path
 
     done = subprocess.run([sys.executable, str(REPO / "tests" / "cli_batch.py"), str(cases_file), str(results_file)],
                           cwd=workspace, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "RAY_TMPDIR": str(ray_tmp)})
+                          env={**__import__("os").environ, **(env or {}), "RAY_TMPDIR": str(ray_tmp)})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(results_file.read_text()), ray_tmp
 

@@ -1,15 +1,18 @@
 """Offload targets in a job spec: CPU memory (`true` / `cpu`) or NVMe files (`nvme` + `nvme_path`).
 
-CPU offload trains in tests/test_train.py (ZeRO-3 with both offloads against ZeRO-0). NVMe offload
-needs DeepSpeed's async_io op, which links libaio: where that cannot build, a spec asking for it ends
-with one line saying so before Ray starts, instead of failing inside every worker.
+Both train in tests/test_train.py (ZeRO-3 with CPU offload against ZeRO-0, with NVMe offload against
+CPU offload). NVMe offload needs DeepSpeed's async_io op, which links libaio (infra/setup.sh installs
+`libaio-dev` where it can): where that cannot build, a spec asking for it ends with one line saying
+so before Ray starts, instead of failing inside every worker.
 """
 
 from __future__ import annotations
 
-from test_bad_input import assert_one_line_exit_2, fresh_ray_tmp, ray_sessions, run_batch
+from pathlib import Path
 
-from conftest import onebase_cli, tiny_spec, write_spec
+from test_bad_input import assert_one_line_exit_2, ray_sessions, run_batch
+
+from conftest import tiny_spec, write_spec
 
 
 def nvme_spec(name: str, **deepspeed) -> dict:
@@ -55,25 +58,41 @@ def test_cpu_offload_spelled_true_or_cpu_is_one_setting():
     assert "offload_optimizer" not in deepspeed_config(off, "fp32")["zero_optimization"]
 
 
-def test_nvme_offload_fails_in_one_line_where_deepspeeds_async_io_cannot_build(workspace, tmp_path):
-    """With a writable nvme_path, `validate` passes where libaio is there; where it is not (this
-    project's CPU machines), `validate` and `run` end with one line naming the op and the library."""
+def without_libaio(folder: Path) -> dict[str, str]:
+    """Environment in which DeepSpeed's libaio check fails as on a machine without libaio-dev: its test
+    program links `-laio` with LDFLAGS, and `-L` here finds an empty libaio.so first (no io_submit)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "libaio.so").write_bytes(b"")
+    return {"LDFLAGS": f"-L{folder}"}
+
+
+def test_the_async_io_check_finds_libaio_and_stays_silent(capfd, monkeypatch, tmp_path):
+    """In-process, under pytest's capture of file descriptors 1 and 2: DeepSpeed's check redirects
+    `sys.stderr.fileno()`, so silencing it with an io.StringIO made libaio look missing everywhere;
+    neither DeepSpeed's log nor the compiler's errors may show (they would break `validate`'s one line)."""
     from onebase.train.ds_ops import async_io_missing
 
+    assert async_io_missing() is None, "libaio-dev is missing: run infra/setup.sh as root or install it"
+    assert capfd.readouterr() == ("", "")
+    monkeypatch.setenv("LDFLAGS", without_libaio(tmp_path / "no-aio")["LDFLAGS"])
+    assert async_io_missing().startswith("libaio not found")
+    assert capfd.readouterr() == ("", "")
+
+
+def test_nvme_offload_validates_and_fails_in_one_line_where_libaio_is_missing(workspace, tmp_path):
+    """With libaio, `validate` accepts the spec; without it, `validate` and `run` end with one line
+    naming the op and the library, and Ray never starts."""
     swap = tmp_path / "nvme"
     swap.mkdir()
     spec = nvme_spec("nv-ok", offload_optimizer="nvme", offload_param="nvme", nvme_path=str(swap))
     path = write_spec(workspace / "nvme-offload.yaml", spec)
-    missing = async_io_missing()
-    ray_tmp = fresh_ray_tmp()
-    for command in ("validate",) + (("run",) if missing else ()):
-        result = onebase_cli(command, str(path), cwd=workspace, timeout=300,
-                             env={"RAY_TMPDIR": str(ray_tmp)})
-        if not missing:
-            assert result.returncode == 0, result.stderr[-2000:]
-            continue
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]  # no DeepSpeed warnings either
-        assert lines[0].startswith("onebase: error: deepspeed.offload_optimizer: nvme needs DeepSpeed's async_io op")
-        assert "libaio" in lines[0] and "offload to cpu instead" in lines[0]
-        assert not ray_sessions(ray_tmp)
+    [accepted], _ = run_batch(workspace, [["validate", str(path)]])
+    assert accepted["code"] == 0 and "ZeRO-3" in accepted["stdout"], accepted["stderr"][-2000:]
+    results, ray_tmp = run_batch(workspace, [[command, str(path)] for command in ("validate", "run")],
+                                 env=without_libaio(tmp_path / "no-aio"))
+    for result in results:
+        line = assert_one_line_exit_2(result)
+        assert line.startswith("onebase: error: deepspeed.offload_optimizer: nvme needs DeepSpeed's async_io op")
+        assert "libaio not found" in line and "offload to cpu instead" in line
+    assert not ray_sessions(ray_tmp)
+    assert list(swap.iterdir()) == []  # the write check left nothing behind

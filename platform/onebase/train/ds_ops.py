@@ -1,13 +1,15 @@
 """DeepSpeed's JIT-built C++ ops on CPU (`shm_comm`): built once per machine, then reused by every run.
 
 `python -m onebase.train.ds_ops` builds them ahead of time (e.g. in an image), into
-$TORCH_EXTENSIONS_DIR (default `$ONEBASE_CACHE/torch_extensions`).
+$TORCH_EXTENSIONS_DIR (default `$ONEBASE_CACHE/torch_extensions`); `--nvme` adds the async_io op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -55,8 +57,10 @@ def extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(cache_dir() / "torch_extensions")
 
 
-def build_ops() -> str:
-    """Build (or find up to date) the ops a CPU run loads; returns the extensions directory."""
+def build_ops(nvme: bool = False) -> str:
+    """Build (or find up to date) the ops a CPU run loads, with `nvme` also the async_io op NVMe
+    offload loads (and pin_memory, which it loads first: 14 files that each parse torch's headers,
+    minutes on 2 cores); returns the extensions directory."""
     os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     pin_ninja()
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
@@ -64,17 +68,51 @@ def build_ops() -> str:
     builder = ShareMemCommBuilder()
     if builder.is_compatible(verbose=False):
         builder.load(verbose=False)
+    if nvme:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().create_op_builder("AsyncIOBuilder").load(verbose=False)
     return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+@contextlib.contextmanager
+def deepspeed_silenced() -> Iterator[None]:
+    """DeepSpeed imported, and nothing it or a compiler it runs says shows, for the block: Python's
+    logging off, file descriptors 1 and 2 on /dev/null, then sys.stdout and sys.stderr too.
+
+    sys.stderr becomes a real file, not an io.StringIO: DeepSpeed's `has_function` silences its
+    compile test through `sys.stderr.fileno()` and reports the library missing when that raises (on
+    a StringIO, or pytest's capture): that is how an installed libaio read as absent. DeepSpeed is
+    imported before sys.stdout is replaced: its log handler keeps the stream it finds at import.
+    """
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    logging_off = logging.root.manager.disable
+    with open(os.devnull, "w") as null:
+        try:
+            for fd in saved:
+                os.dup2(null.fileno(), fd)
+            logging.disable(logging.CRITICAL)
+            import deepspeed  # noqa: F401
+            with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+                yield
+        finally:
+            logging.disable(logging_off)
+            sys.stdout.flush()  # what the block left in Python's buffer goes to /dev/null as well
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def async_io_missing() -> str | None:
     """Why DeepSpeed's async_io op (what NVMe offload reads and writes with) cannot build on this
     machine, or None when it can. It links libaio: without its headers and library, DeepSpeed fails
-    only inside the workers, after Ray and the model have started."""
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    only inside the workers, after Ray and the model have started. DeepSpeed compiles and links a
+    test program calling `io_submit` with `-laio` (CFLAGS and LDFLAGS apply, as in its own build)."""
+    with deepspeed_silenced():
         from deepspeed.accelerator import get_accelerator
 
         builder = get_accelerator().create_op_builder("AsyncIOBuilder")
@@ -86,6 +124,6 @@ def async_io_missing() -> str | None:
             return "DeepSpeed reports it incompatible with this torch or compiler"
     return None
 
-
 if __name__ == "__main__":
-    print(f"deepspeed ops ready in {build_ops()}")
+    # --nvme: also the async_io op (needs libaio), e.g. in an image whose jobs offload to NVMe
+    print(f"deepspeed ops ready in {build_ops(nvme='--nvme' in sys.argv[1:])}")
