@@ -58,9 +58,8 @@ def extensions_dir() -> str:
 
 
 def build_ops(nvme: bool = False) -> str:
-    """Build (or find up to date) the ops a CPU run loads, with `nvme` also the async_io op NVMe
-    offload loads (and pin_memory, which it loads first: 14 files that each parse torch's headers,
-    minutes on 2 cores); returns the extensions directory."""
+    """Build (or find up to date) the ops a CPU run loads, with `nvme` also those of NVMe offload
+    (build_async_io); returns the extensions directory."""
     os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
     pin_ninja()
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
@@ -69,10 +68,18 @@ def build_ops(nvme: bool = False) -> str:
     if builder.is_compatible(verbose=False):
         builder.load(verbose=False)
     if nvme:
-        from deepspeed.accelerator import get_accelerator
-
-        get_accelerator().create_op_builder("AsyncIOBuilder").load(verbose=False)
+        build_async_io()
     return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def build_async_io() -> None:
+    """Build (or find up to date) the async_io op NVMe offload loads, and pin_memory, which it loads
+    first: 14 files that each parse torch's headers, minutes on 2 cores."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir()
+    pin_ninja()
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("AsyncIOBuilder").load(verbose=False)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from onebase.model.build import load_model, load_tokenizer
 from onebase.spec.schema import JobSpec
 from onebase.train import zero3
 from onebase.train.console import Reporter
-from onebase.train.deepspeed_config import deepspeed_config, resolve_precision
+from onebase.train.deepspeed_config import deepspeed_config, nvme_folder, remove_swap_files, resolve_precision
 from onebase.train.ds_ops import import_deepspeed, pin_ninja
 from onebase.train.evaluate import evaluate
 from onebase.train.memory import memory_per_worker, peak_rss_mb
@@ -42,6 +42,15 @@ PROBE_FILE = "probe.safetensors"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    try:
+        train_worker(config)
+    finally:  # NVMe offload: a finished or failed run leaves no swap files behind (a model's worth each)
+        spec = JobSpec.model_validate(config["spec"])
+        if spec.deepspeed.on_nvme:
+            remove_swap_files(spec, ray.train.get_context().get_world_rank())
+
+
+def train_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate(config["spec"])
     pin_ninja()  # before DeepSpeed loads its cached shm_comm op
     startup = Startup(config.get("driver_started"))
@@ -58,7 +67,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     startup.mark("setup")
 
     precision = resolve_precision(spec.deepspeed.precision, spec.scaling.use_gpu)
-    ds_config = deepspeed_config(spec, precision)
+    # NVMe offload sizes its swap buffers by the largest parameter: known before the model is built.
+    largest = (zero3.largest_shard(spec, config["model_path"], dataset.labels, world)
+               if spec.deepspeed.on_nvme else None)
+    ds_config = deepspeed_config(spec, precision, largest)
     # ZeRO-3: pretrained models are created partitioned (zero.Init); this must stay referenced while it is
     # built. Random init (smoke tests) stays whole, so the same seed rebuilds the same base on reload.
     partitioning = partitioned_loading(ds_config) if spec.model.init == "pretrained" else None
@@ -146,7 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
 
     final = evaluate(engine, eval_loader, spec.task, num_labels, device, groups)
-    memory = memory_per_worker(engine)  # a collective: every rank
+    memory = memory_per_worker(engine, nvme_folder(spec))  # a collective: every rank
     probe = probe_outputs(engine, eval_loader, device)
     throughput = {"train_samples_per_s": train_samples / max(train_seconds, 1e-9),
                   "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "train_compute_s": train_seconds,
@@ -190,6 +202,7 @@ def make_engine(spec: JobSpec, model, total_steps: int, ds_config: dict[str, Any
     warmup = int(spec.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, total_steps, spec.train.lr_scheduler))
+    zero3.honor_init_dtype()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine

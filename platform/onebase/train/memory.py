@@ -3,6 +3,8 @@ peak resident memory, gathered to rank 0 for MLflow. The figures ZeRO stages are
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -34,17 +36,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def worker_memory(engine) -> dict[str, float]:
-    """This worker's figures, in MiB."""
+def swap_bytes(folder: Path, rank: int) -> int:
+    """Bytes of this worker's NVMe swap files: DeepSpeed keeps them in `rank<N>` folders."""
+    return sum(f.stat().st_size for d in folder.rglob(f"rank{rank}") for f in d.iterdir() if f.is_file())
+
+
+def worker_memory(engine, swap_folder: Path | None = None) -> dict[str, float]:
+    """This worker's figures, in MiB; with NVMe offload also what it swapped out (`nvme_swap_mb`):
+    parameters and optimizer states that were on disk, not in memory, counted in neither of the first."""
     params = resident_param_bytes(engine.module)
     optimizer = optimizer_state_bytes(engine)
-    return {"param_mb": params / 2**20, "optimizer_state_mb": optimizer / 2**20,
-            "model_state_mb": (params + optimizer) / 2**20, "peak_rss_mb": peak_rss_mb()}
+    figures = {"param_mb": params / 2**20, "optimizer_state_mb": optimizer / 2**20,
+               "model_state_mb": (params + optimizer) / 2**20, "peak_rss_mb": peak_rss_mb()}
+    if swap_folder is not None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        figures["nvme_swap_mb"] = swap_bytes(swap_folder, rank) / 2**20
+    return figures
 
 
-def memory_per_worker(engine) -> dict[str, float]:
+def memory_per_worker(engine, swap_folder: Path | None = None) -> dict[str, float]:
     """Every worker's figures on every rank (a collective): the largest worker's, named *_per_worker."""
-    mine = worker_memory(engine)
+    mine = worker_memory(engine, swap_folder)
     everyone = [mine]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()

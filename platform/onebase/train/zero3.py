@@ -82,3 +82,38 @@ def keep_used_conversions(model: nn.Module) -> None:
     conversions = getattr(model, "_weight_conversions", None)
     if conversions:
         model._weight_conversions = [c for c in conversions if getattr(c, "was_used", lambda: True)()]
+
+
+def honor_init_dtype() -> None:
+    """Make DeepSpeed's zero.Init keep the dtype it is given (idempotent; call before initialize).
+
+    DeepSpeed 0.19 sets it with `dtype or torch.float16 if fp16_supported() else torch.bfloat16 ...`,
+    which Python reads as `(dtype or float16) if fp16_supported() else bfloat16`: on a CPU without
+    fp16 kernels an explicit dtype is dropped for bfloat16. ZeRO-3 over a model built whole (random
+    init) passes the model's dtype there, so with `offload_param: nvme` the fp32 shards went through
+    bf16 swap buffers (16 of fp32's 23 mantissa bits lost): a tiny model's export drifted 5e-3 from
+    the same run offloaded to CPU memory. A dtype of None still means "from the config", as before.
+    """
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+
+    original = Init._set_dtype
+    if getattr(original, "onebase_keeps_dtype", False):
+        return
+
+    def _set_dtype(self, ds_config, dtype):
+        original(self, ds_config, dtype)
+        if dtype is not None:
+            self.dtype = dtype
+
+    _set_dtype.onebase_keeps_dtype = True  # type: ignore[attr-defined]
+    Init._set_dtype = _set_dtype
+
+
+def largest_shard(spec, path: str, labels: list[str] | None, world: int) -> int:
+    """Elements of one worker's part of the job's largest parameter (ZeRO-3 splits each parameter
+    evenly, padding the last part), from the model built on the meta device: no memory, no weights."""
+    from onebase.model.build import model_class, model_config
+
+    with torch.device("meta"):
+        model = model_class(spec.task).from_config(model_config(spec, path, labels))
+    return -(-max(p.numel() for p in model.parameters()) // world)
