@@ -6,7 +6,8 @@ per worker. For every (stage, workers): the largest worker's model states (param
 optimizer states and fp32 master partitions, read from DeepSpeed's optimizer after the last step),
 its peak RSS, and its parameters right after loading (ZeRO-3 loads partitioned: zero.Init).
 
-    .venv/bin/python bench/memory.py                       # stages 0,1,2,3,3+offload x 1,2,4 workers
+    .venv/bin/python bench/memory.py                       # stages 0,1,2,3,3+offload,3+nvme x 1,2,4 workers
+    .venv/bin/python bench/memory.py --stages 3+nvme --workers 1 2 --merge   # NVMe offload rows only, added
     .venv/bin/python bench/memory.py --workers 1 2 --steps 2   # what 2 cores hold
     .venv/bin/python bench/memory.py --workers 4 --cpus-per-worker 0.5 --merge   # 4 workers on 2 cores, added
                                                                                      # to the rows already there
@@ -25,21 +26,34 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "tweet-sentiment-smollm2-lora.yaml"
-CONFIGS = [(0, False), (1, False), (2, False), (3, False), (3, True)]
+# offload: False (none), True (parameters and optimizer states to CPU memory) or "nvme" (both to files
+# under a folder of the run's own, through DeepSpeed's async_io op: needs libaio)
+CONFIGS = [(0, False), (1, False), (2, False), (3, False), (3, True), (3, "nvme")]
+LABELS = {False: "", True: " + offload", "nvme": " + NVMe offload"}
 
 
-def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str, cpus_per_worker: float = 1.0) -> dict:
+def parse_stage(text: str) -> tuple[int, bool | str]:
+    """'3' -> (3, False); '3+offload' -> (3, True); '3+nvme' -> (3, 'nvme')."""
+    stage, _, extra = text.partition("+")
+    return int(stage), {"": False, "offload": True, "nvme": "nvme"}[extra]
+
+
+def one_run(stage: int, offload: bool | str, workers: int, steps: int, uri: str, cpus_per_worker: float = 1.0,
+            ) -> dict:
     from mlflow.tracking import MlflowClient
 
     from onebase.spec import load_spec
     from onebase.train.launch import run_job
 
-    name = f"bench-memory-z{stage}{'-offload' if offload else ''}-w{workers}"
+    name = f"bench-memory-z{stage}{'-nvme' if offload == 'nvme' else '-offload' if offload else ''}-w{workers}"
+    device = "nvme" if offload == "nvme" else str(bool(offload)).lower()
+    nvme = [f"deepspeed.nvme_path={Path.cwd() / 'nvme'}"] if offload == "nvme" else []
+    (Path.cwd() / "nvme").mkdir(exist_ok=True)
     spec = load_spec(JOB, [f"name={name}", "method={name: full}", f"train.max_steps={steps}", "train.batch_size=2",
                            "data.max_length=48", "data.validation.max_samples=8", "train.eval_batch_size=8",
                            f"scaling.num_workers={workers}", f"scaling.resources_per_worker={{CPU: {cpus_per_worker}}}",
-                           f"deepspeed.stage={stage}", f"deepspeed.offload_param={str(offload and stage == 3).lower()}",
-                           f"deepspeed.offload_optimizer={str(offload).lower()}", "tracking.register_model=false"])
+                           f"deepspeed.stage={stage}", f"deepspeed.offload_param={device if stage == 3 else 'false'}",
+                           f"deepspeed.offload_optimizer={device}", "tracking.register_model=false", *nvme])
     started = time.perf_counter()
     result = run_job(spec, JOB.read_text(), tracking_uri=uri, echo=lambda *_: None, progress=False)
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
@@ -47,7 +61,7 @@ def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str, cpus_
     # filled the disk. Only the MLflow metrics are needed from here on.
     shutil.rmtree(Path("runs") / name, ignore_errors=True)
     keys = ("model_state_mb_per_worker", "param_mb_per_worker", "optimizer_state_mb_per_worker",
-            "peak_rss_mb_per_worker", "loaded_param_mb_per_worker")
+            "peak_rss_mb_per_worker", "loaded_param_mb_per_worker", "nvme_swap_mb_per_worker")
     return {"stage": stage, "offload": offload, "workers": workers, "cpus_per_worker": cpus_per_worker,
             "wall_s": round(time.perf_counter() - started, 1),
             **{k: round(metrics[k], 1) for k in keys if k in metrics}, "run_id": result.run_id}
@@ -55,7 +69,7 @@ def one_run(stage: int, offload: bool, workers: int, steps: int, uri: str, cpus_
 
 def merged(earlier: Path, rows: list[dict]) -> list[dict]:
     """Earlier rows not measured again (each keeps its own run's `date`), then this run's rows."""
-    key = lambda r: (r["stage"], r["offload"], r["workers"])  # noqa: E731
+    key = lambda r: (r["stage"], str(r["offload"]), r["workers"])  # noqa: E731 (offload: False, True or "nvme")
     if not earlier.is_file():
         return rows
     old = json.loads(earlier.read_text())
@@ -75,7 +89,7 @@ def plot(rows: list[dict], target: Path) -> None:
         mine = sorted((r for r in rows if r["stage"] == stage and r["offload"] == offload), key=lambda r: r["workers"])
         if not mine:
             continue
-        label = f"ZeRO-{stage}{' + offload' if offload else ''}"
+        label = f"ZeRO-{stage}{LABELS[offload]}"
         for ax, key in zip(axes, ("model_state_mb_per_worker", "peak_rss_mb_per_worker")):
             ax.plot([r["workers"] for r in mine], [r.get(key, 0) for r in mine], marker="o", label=label)
     for ax, title in zip(axes, ("model states per worker (MiB)", "peak RSS per worker (MiB)")):
@@ -92,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--stages", nargs="+", default=["0", "1", "2", "3", "3+offload"])
+    parser.add_argument("--stages", nargs="+", default=["0", "1", "2", "3", "3+offload", "3+nvme"],
+                        help="3+offload: parameters and optimizer states offloaded to CPU memory; 3+nvme: to "
+                             "files in nvme/ of the run's folder under /tmp")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0,
                         help="Ray CPUs each worker asks for: 0.5 fits 4 workers on 2 cores (each still 1 thread; "
                              "the memory figures do not change, the times are not comparable)")
@@ -107,7 +123,7 @@ def main() -> None:
     from onebase.train.launch import connect_ray
 
     connect_ray(None, quiet=True)
-    wanted = [(int(s.split("+")[0]), s.endswith("+offload")) for s in args.stages]
+    wanted = [parse_stage(s) for s in args.stages]
     rows = []
     for stage, offload in wanted:
         for workers in args.workers:
