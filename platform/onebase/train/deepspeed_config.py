@@ -22,6 +22,18 @@ def resolve_precision(requested: str, on_gpu: bool) -> str:
     return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def nvme_no_resume(spec: JobSpec) -> str | None:
+    """Why this job cannot continue from a checkpoint, or None. DeepSpeed 0.19's ZeRO-3 checkpoints
+    hold empty tensors for what its optimizer swapper keeps on NVMe (fp32 weights, Adam moments: a
+    resumed run went on from the initial weights' state, its losses off from the next step), and
+    loading one into parameters kept on NVMe fails ('NoneType' object has no attribute 'data')."""
+    if not spec.deepspeed.on_nvme:
+        return None
+    return (f"deepspeed.{spec.deepspeed.on_nvme[0]}: nvme: DeepSpeed cannot continue a run offloaded to NVMe from a "
+            "checkpoint (it saves the optimizer states kept there empty, and cannot load into parameters kept "
+            "there); run the job from the start, or offload to cpu")
+
+
 def nvme_folder(spec: JobSpec) -> Path | None:
     """Where this job's NVMe offload swaps (a folder per job: DeepSpeed names its files by rank only)."""
     return Path(spec.deepspeed.nvme_path) / spec.name if spec.deepspeed.on_nvme and spec.deepspeed.nvme_path else None

@@ -19,6 +19,7 @@ from onebase.spec.schema import JobSpec
 from onebase.tracking import mlflow_run, registry
 from onebase.train import heldout, startup
 from onebase.train.console import Console, ProgressBoard
+from onebase.train.deepspeed_config import nvme_folder, nvme_no_resume
 from onebase.train.ds_ops import extensions_dir, pin_ninja
 from onebase.train.forked_checks import ModelChecks
 from onebase.train.loop import EXPORT_DIR, PROBE_FILE, train_loop_per_worker
@@ -54,6 +55,8 @@ def run_job(spec: JobSpec, spec_text: str, address: str | None = None, resume: b
     started = time.time()  # the worker reports how long it took from here to its first step
     uri = mlflow_run.resolve_tracking_uri(tracking_uri, spec.tracking.uri)
     job_dir = Path(spec.output.path).expanduser().resolve() / spec.name
+    if resume and nvme_no_resume(spec):
+        raise OnebaseError(f"--resume: {nvme_no_resume(spec)}")
     previous = read_state(job_dir) if resume else None
 
     tracking = None
@@ -124,7 +127,19 @@ def train_once(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str, j
         reason = root_cause(err)
         mlflow_run.fail_run(uri, run_id, reason)
         raise TrainingFailed(reason) from err
+    finally:
+        remove_job_swap(spec)
     return collect(spec, uri, run_id, result, job_dir, register=register, after_export=after_export)
+
+
+def remove_job_swap(spec: JobSpec) -> None:
+    """NVMe offload: the job's swap folder, where this node has it. Each worker deletes its own files
+    when its loop ends, but Ray kills the workers still in a collective when another one fails."""
+    import shutil
+
+    folder = nvme_folder(spec)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def worker_config(spec: JobSpec, model_path: str, dataset, uri: str, run_id: str) -> dict[str, Any]:

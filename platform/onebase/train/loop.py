@@ -28,7 +28,13 @@ from onebase.model.build import load_model, load_tokenizer
 from onebase.spec.schema import JobSpec
 from onebase.train import zero3
 from onebase.train.console import Reporter
-from onebase.train.deepspeed_config import deepspeed_config, nvme_folder, remove_swap_files, resolve_precision
+from onebase.train.deepspeed_config import (
+    deepspeed_config,
+    nvme_folder,
+    nvme_no_resume,
+    remove_swap_files,
+    resolve_precision,
+)
 from onebase.train.ds_ops import import_deepspeed, pin_ninja
 from onebase.train.evaluate import evaluate
 from onebase.train.memory import memory_per_worker, peak_rss_mb
@@ -92,7 +98,7 @@ def train_worker(config: dict[str, Any]) -> None:
     total_steps = spec.train.max_steps or math.ceil(spec.train.epochs * steps_per_epoch)
 
     engine = make_engine(spec, model, total_steps, ds_config)
-    step = restore(engine)
+    step = restore(engine, spec)
     startup.mark("engine")
     resumed = step > 0
     tracker = connecting.result() if connecting else Relayed(board) if rank == 0 else None
@@ -217,11 +223,13 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def restore(engine) -> int:
+def restore(engine, spec: JobSpec) -> int:
     """Load the last Ray Train checkpoint (worker restart or `onebase run --resume`); returns its step."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
+    if nvme_no_resume(spec):  # a worker restart: fail in one line, not train on from wrong optimizer states
+        raise RuntimeError(nvme_no_resume(spec))
     with checkpoint.as_directory() as path:
         engine.load_checkpoint(path, tag="ds")
         return json.loads((Path(path) / STATE_FILE).read_text())["step"]
