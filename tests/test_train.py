@@ -194,31 +194,35 @@ def tiny_pretrained(workspace):
 
 
 @pytest.mark.slow
-def test_zero3_partitioned_loading_with_offload_matches_zero0(ray_cluster, workspace, tiny_pretrained):
+@pytest.mark.async_io
+def test_zero3_partitioned_loading_with_offload_matches_zero0(ray_cluster, workspace, tiny_pretrained, tmp_path):
     """ZeRO-3 builds the model inside deepspeed.zero.Init (each of 2 workers holds half of it), with
     parameters and optimizer offloaded to CPU, and trains to the export ZeRO-0 gets from the same
-    weights and seed; so does ZeRO-2 with its optimizer states offloaded to CPU."""
+    weights and seed; so does ZeRO-2 with its optimizer states offloaded to CPU, and ZeRO-3 with both
+    offloaded to NVMe, whose zero.Init loads the weights straight into shards kept on disk."""
     runs = {}
-    for stage, offload in ((0, False), (3, True), (2, True)):
-        spec = tiny_spec(f"tiny-load-z{stage}", train={"max_steps": 4, "log_every_steps": 1},
-                         deepspeed={"stage": stage, "offload_param": offload and stage == 3,
-                                    "offload_optimizer": offload})
+    for key, stage, offload in ((0, 0, False), (3, 3, "cpu"), (2, 2, "cpu"), ("nvme", 3, "nvme")):
+        spec = tiny_spec(f"tiny-load-z{key}", train={"max_steps": 4, "log_every_steps": 1},
+                         deepspeed={"stage": stage, "offload_param": offload if stage == 3 else False,
+                                    "offload_optimizer": offload,
+                                    "nvme_path": str(tmp_path) if offload == "nvme" else None})
         spec["model"] = {"name": str(tiny_pretrained), "init": "pretrained"}
-        runs[stage] = train(spec)
+        runs[key] = train(spec)
     client = MlflowClient()
     params = {s: client.get_run(r.run_id).data.params for s, r in runs.items()}
     assert params[3]["partitioned_loading"] == "True" and params[0]["partitioned_loading"] == "False"
     assert params[2]["deepspeed.offload_optimizer"] == params[3]["deepspeed.offload_param"] == "cpu"
     held = {s: client.get_metric_history(r.run_id, "loaded_param_mb_per_worker")[0].value for s, r in runs.items()}
     assert held[3] < 0.6 * held[0]  # each of the 2 workers loaded about half
+    assert held["nvme"] < 0.2 * held[3]  # all but the shards under DeepSpeed's 1 MB aio minimum on disk
     losses = {s: [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
               for s, r in runs.items()}
-    assert losses[3] == pytest.approx(losses[0], abs=1e-5)  # the first step's loss included
-    assert losses[2] == pytest.approx(losses[0], abs=1e-5)
-    assert runs[3].info["base_fingerprint"] == runs[0].info["base_fingerprint"]
+    for offloaded in (3, 2, "nvme"):
+        assert losses[offloaded] == pytest.approx(losses[0], abs=1e-5), offloaded  # the first step's included
+    assert runs[3].info["base_fingerprint"] == runs["nvme"].info["base_fingerprint"] == runs[0].info["base_fingerprint"]
     exported = {s: load_file(r.export_dir / "model.safetensors") for s, r in runs.items()}
-    assert exported[3].keys() == exported[0].keys()
-    for offloaded in (3, 2):
+    assert exported[3].keys() == exported["nvme"].keys() == exported[0].keys()
+    for offloaded in (3, 2, "nvme"):
         assert max(float((exported[offloaded][k] - exported[0][k]).abs().max()) for k in exported[0]) < 1e-5
     assert any(float((exported[0][k] - t).abs().max()) > 1e-4 for k, t in load_file(
         tiny_pretrained / "model.safetensors").items() if k in exported[0])  # it did train
