@@ -217,7 +217,7 @@ def main() -> None:
             "one_at_a_time_over_naive_in_process_tokens": out["server_one_at_a_time"]["tokens_per_s"] / naive_tps}
            if "server_one_at_a_time" in out else {}),
         **({"batched_over_batched_without_prefix_cache_tokens": out["server_batched"]["tokens_per_s"]
-            / out["server_batched_no_prefix_cache"]["tokens_per_s"]} if prefix else {}),
+            / out[cache_off]["tokens_per_s"]} if (cache_off := "server_batched_no_prefix_cache") in out else {}),
         "engine_in_process_over_naive_in_process_tokens": out["engine_in_process"]["tokens_per_s"] / naive_tps,
         "batched_over_engine_in_process_tokens": out["server_batched"]["tokens_per_s"]
         / out["engine_in_process"]["tokens_per_s"],
