@@ -39,7 +39,7 @@ import torch
 
 from onebase.errors import error_line
 from onebase.serve.kv_budget import KvBudget
-from onebase.serve.prefix_cache import PrefixCache, plan, reused
+from onebase.serve.prefix_cache import PrefixCache, plan, reuse
 from onebase.serve.virtual import prompt_learning
 
 BASE = "__base__"
@@ -337,9 +337,9 @@ class _Batch:
         reusing = [s for s, h in zip(seqs, hits) if h]
         if not reusing or len(reusing) == len(seqs):
             return [seqs]
-        lengths = [len(s.prompt) for s in seqs]
-        gain = reused(*zip(*[(n, h) for n, h in zip(lengths, hits) if h])) - reused(lengths, hits)
-        if gain < SPLIT_GAIN:
+        together = sum(reuse([len(s.prompt) for s in seqs], hits))
+        apart = sum(reuse([len(s.prompt) for s in reusing], [h for h in hits if h]))
+        if apart - together < SPLIT_GAIN:
             return [seqs]
         return [reusing, [s for s, h in zip(seqs, hits) if not h]]
 
@@ -348,11 +348,10 @@ class _Batch:
         row (`prefix_cache.plan`) come from there instead of being computed."""
         from transformers import DynamicCache
 
-        width = ids.shape[1]
         lengths = [len(s.prompt) for s in seqs]
         found = [prefix.lookup(self._owner(s), s.prompt) for s in seqs]
-        start = plan(lengths, [n for n, _ in found]) if any(e is not None for _, e in found) else 0
-        reused = [max(0, n - (width - start)) for n in lengths]
+        hits = [n for n, _ in found]  # 0 exactly where nothing is kept
+        start, reused = plan(lengths, hits), reuse(lengths, hits)
         cache = DynamicCache()
         if start:
             like = next(e for (_, e), r in zip(found, reused) if r)  # the longest prompt's, at least

@@ -113,10 +113,11 @@ def plan(lengths: list[int], hits: list[int]) -> int:
     return width - suffix
 
 
-def reused(lengths: list[int], hits: list[int]) -> int:
-    """Prompt tokens one prefill of these rows takes from kept KV (`plan`'s columns, per row)."""
+def reuse(lengths: list[int], hits: list[int]) -> list[int]:
+    """Per row, the leading prompt tokens one prefill of these rows takes from kept KV (`plan`'s
+    columns: a row reuses len - S of them, none when shorter than S or with nothing kept)."""
     suffix = max(lengths) - plan(lengths, hits)
-    return sum(max(0, n - suffix) for n, h in zip(lengths, hits) if h)
+    return [max(0, n - suffix) if h else 0 for n, h in zip(lengths, hits)]
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
