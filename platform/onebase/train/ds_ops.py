@@ -131,6 +131,7 @@ def async_io_missing() -> str | None:
             return "DeepSpeed reports it incompatible with this torch or compiler"
     return None
 
+
 if __name__ == "__main__":
     # --nvme: also the async_io op (needs libaio), e.g. in an image whose jobs offload to NVMe
     print(f"deepspeed ops ready in {build_ops(nvme='--nvme' in sys.argv[1:])}")

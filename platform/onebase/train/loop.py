@@ -48,16 +48,15 @@ PROBE_FILE = "probe.safetensors"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec = JobSpec.model_validate(config["spec"])
     try:
-        train_worker(config)
+        train_worker(config, spec)
     finally:  # NVMe offload: a finished or failed run leaves no swap files behind (a model's worth each)
-        spec = JobSpec.model_validate(config["spec"])
         if spec.deepspeed.on_nvme:
             remove_swap_files(spec, ray.train.get_context().get_world_rank())
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    spec = JobSpec.model_validate(config["spec"])
+def train_worker(config: dict[str, Any], spec: JobSpec) -> None:
     pin_ninja()  # before DeepSpeed loads its cached shm_comm op
     startup = Startup(config.get("driver_started"))
     ctx = ray.train.get_context()
