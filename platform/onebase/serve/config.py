@@ -41,6 +41,13 @@ class BaseSpec(Strict):
     # applies when the replica is idle, so a burst shares one prefill instead of starting one by one.
     batch_wait_ms: float = Field(50, ge=0, description="how long an idle replica waits for a burst to prefill together")
     max_queue: int = Field(64, gt=0, description="requests waiting per replica beyond the running batch (then 429)")
+    packed_weights: bool = Field(True, description="CPU: keep the base's linear weights also packed for oneDNN's "
+                                                   "matmul kernels (faster products; those weights take twice "
+                                                   "their memory)")
+    # Two Python threads with a matrix product each use two cores where two torch threads on one product
+    # stall each other (docs/benchmarks.md issue #12 (e5), (e8)).
+    prefill_thread: bool = Field(True, description="prefill arriving prompts on a second thread beside the decode "
+                                                   "steps (a replica then runs up to 2 x threads torch threads)")
 
     @property
     def model_name(self) -> str:

@@ -10,6 +10,11 @@ their adapters; every other adapter has its own). One `step()`:
 So a request arriving mid-generation starts at the next step instead of waiting for the batch to
 end, and a long request never holds the model between steps.
 
+With a prefill thread (`prefill_thread()`, the server's replicas) step 2 comes first and only hands
+the arrivals to that thread: their prefill runs beside this and later decode steps, and the rows
+join the running batch (first token sampled, KV merged) at the first step after it is done
+(`prefill_worker.py`).
+
 Streamed sequences hand out text as it becomes safe to show (not a half-decoded character, not the
 start of a stop sequence) together with the logprobs of exactly the tokens that text begins: a
 token's entry goes out once the text shown goes past its start offset, so the logprobs streamed add
@@ -39,6 +44,7 @@ import torch
 
 from onebase.errors import error_line
 from onebase.serve.kv_budget import KvBudget
+from onebase.serve.prefill_worker import PrefillWorker
 from onebase.serve.prefix_cache import PrefixCache, plan, reuse
 from onebase.serve.virtual import prompt_learning
 
@@ -109,6 +115,19 @@ class Decoder:
         self.kv = KvBudget()  # unbounded; the server's scheduler sets the replica's budget
         self.prefix = PrefixCache()  # off; the server's scheduler sets the replica's (limits.prefix_cache_tokens)
         self.recompute_prompts = False  # True: prompt-learning rows the old way (bench/serve.py compares)
+        self.worker: PrefillWorker | None = None  # None: prefill on the stepping thread (`prefill_thread`)
+        self.prefilling: list[Sequence] = []  # handed to the worker, not yet joined
+
+    def prefill_thread(self) -> None:
+        """Prefill arrivals on a second thread from now on, beside the decode steps (`prefill_worker.py`)."""
+        if self.worker is None:
+            self.worker = PrefillWorker(torch.get_num_threads())
+
+    def quiesce(self) -> None:
+        """Until no prefill runs beside the caller (which holds the engine's lock, so none starts): before
+        anything changes the model (hot load, unload)."""
+        if self.worker is not None:
+            self.worker.wait_idle()
 
     def submit(self, seq: Sequence) -> Sequence:
         if seq.sampling.temperature > 0:
@@ -125,33 +144,69 @@ class Decoder:
         return sum(len(b.seqs) for b in self.batches.values())
 
     def pending(self) -> int:
-        return len(self.waiting) + self.running()
+        return len(self.waiting) + self.running() + len(self.prefilling)
 
     @torch.inference_mode()
     def step(self, max_rows: int | None = None) -> None:
-        """One decode step for every running row, then prefill of arrivals (up to max_rows running)."""
+        """One decode step for every running row, then prefill of arrivals (up to max_rows running). With a
+        prefill thread: rows it prefilled join first (waited for when nothing else runs), then arrivals go
+        to it, then the decode step."""
         with self.engine.lock:
+            if self.worker is not None:
+                self._join_prefilled(block=not self.running())
+                self._prefill_arrivals(max_rows)
             for key, batch in list(self.batches.items()):
                 batch.decode(self)
                 if not batch.seqs:
                     del self.batches[key]
-            room = len(self.waiting) if max_rows is None else max(0, max_rows - self.running())
-            arrived = self._admit(room)
-            groups: dict[int, list[Sequence]] = {}
-            for seq in arrived:
-                if seq.cancelled:
-                    self.finish(seq, "cancelled")
-                else:
-                    groups.setdefault(id(seq.runner), []).append(seq)
-            for key, seqs in groups.items():
-                batch = self.batches.get(key)
-                if batch is None:
-                    batch = self.batches[key] = _Batch(seqs[0].runner, self.recompute_prompts)
-                batch.admit(self, seqs)
-                if not batch.seqs:
-                    del self.batches[key]
+            if self.worker is None:
+                self._prefill_arrivals(max_rows)
             self.kv.note(reserved=self.kv.cost({key: batch.seqs for key, batch in self.batches.items()}),
                          held=self.held())
+
+    def _prefill_arrivals(self, max_rows: int | None) -> None:
+        """Admit waiting sequences and prefill them: here, or on the prefill thread when it is idle (else they
+        wait for its next job) and their prefill is safe beside a decode step (`_Batch.overlaps`)."""
+        if self.worker is not None and self.worker.busy():
+            return
+        room = len(self.waiting) if max_rows is None else max(0, max_rows - self.running())
+        groups: dict[int, list[Sequence]] = {}
+        for seq in self._admit(room):
+            if seq.cancelled:
+                self.finish(seq, "cancelled")
+            else:
+                groups.setdefault(id(seq.runner), []).append(seq)
+        handed = []
+        for key, seqs in groups.items():
+            batch = self.batches.get(key) or _Batch(seqs[0].runner, self.recompute_prompts)
+            if self.worker is not None and batch.overlaps(seqs):
+                handed.append((key, batch, seqs))
+                continue
+            self.batches[key] = batch
+            batch.admit(self, seqs)
+            if not batch.seqs:
+                del self.batches[key]
+        if handed:
+            self.prefilling = [seq for _, _, seqs in handed for seq in seqs]
+            self.worker.submit(lambda: [(key, batch, seqs, _attempt(batch.prefill, self, seqs))
+                                        for key, batch, seqs in handed])
+
+    def _join_prefilled(self, block: bool) -> None:
+        """The prefill thread's finished rows into their running batches (a failed prefill fails its rows)."""
+        done, jobs = self.worker.take(block)
+        if not done:
+            return
+        seqs, self.prefilling = self.prefilling, []
+        if isinstance(jobs, BaseException):  # not the forwards (those fail per batch below)
+            return self._fail(seqs, jobs)
+        for key, batch, group, prefilled in jobs:
+            if isinstance(prefilled, BaseException):
+                self._fail(group, prefilled)
+                continue
+            batch = self.batches.setdefault(key, batch)
+            batch.join(self, prefilled)
+            if not batch.seqs:
+                del self.batches[key]
 
     def _admit(self, room: int) -> list[Sequence]:
         """Sequences from the head of the queue, in order, while a row is free and their reservation fits
@@ -237,11 +292,17 @@ class Decoder:
 
     def fail_all(self, err: BaseException) -> None:
         """A step failed: its rows (and what waits) end with the error; the batcher starts afresh."""
-        message = _one_line(err)
         with self._lock:
             seqs, self.waiting = list(self.waiting), deque()
         seqs += [seq for batch in self.batches.values() for seq in batch.seqs]
         self.batches = {}
+        if self.worker is not None:  # a prefill in flight: its rows fail too, its result is dropped
+            self.worker.take(block=True)
+            seqs, self.prefilling = seqs + self.prefilling, []
+        self._fail(seqs, err)
+
+    def _fail(self, seqs: list[Sequence], err: BaseException) -> None:
+        message = _one_line(err)
         for seq in seqs:
             seq.error = message
             self.finish(seq, "error")
@@ -306,13 +367,30 @@ class _Batch:
         self._after(decoder)
 
     def admit(self, decoder: Decoder, seqs: list[Sequence]) -> None:
+        """Prefill these sequences and let them join (on the stepping thread)."""
         if not self.cached:
             for seq in seqs:
                 decoder.choose([seq], self._recompute(seq))
             self.seqs += seqs
             self._after(decoder)
             return
+        self.join(decoder, self.prefill(decoder, seqs))
+
+    def overlaps(self, seqs: list[Sequence]) -> bool:
+        """Whether these rows' prefill may run on the prefill thread beside decode steps on the same model:
+        cached rows of a plain model or of a LoRA pool's gathered path; not PEFT's `adapter_names` path
+        (forward hooks on the model), not prompt-learning rows."""
+        if not self.cached or self.virtual is not None:
+            return False
+        runner = self.runner
+        return not runner.mixed or (runner.gathered is not None and runner.gathered.covers([s.key for s in seqs]))
+
+    def prefill(self, decoder: Decoder, seqs: list[Sequence]) -> list[tuple[list[Sequence], torch.Tensor, Any,
+                                                                            torch.Tensor]]:
+        """The prompts' forwards, per group: (rows, last logits, KV cache, mask). Reads and feeds the prefix
+        cache but none of this batch's running rows, so it may run on the prefill thread."""
         groups = [seqs] if self.virtual is not None else self._reuse_groups(decoder.prefix, seqs)
+        out = []
         for group in groups:
             width = max(len(s.prompt) for s in group)
             ids, mask = _left_padded(group, width, decoder.tokenizer.pad_token_id or 0)
@@ -321,6 +399,12 @@ class _Batch:
             else:
                 logits, cache = self._prefill(decoder.prefix, group, ids, mask)
                 self._keep_prompts(decoder.prefix, group, cache, width)
+            out.append((group, logits, cache, mask))
+        return out
+
+    def join(self, decoder: Decoder, prefilled: list) -> None:
+        """Prefilled rows join: first token sampled, KV merged into the batch (the stepping thread)."""
+        for group, logits, cache, mask in prefilled:
             decoder.choose(group, logits)
             self._merge(group, cache, mask)
             decoder.kv.note(held=decoder.held())
@@ -522,6 +606,14 @@ def _eos_ids(engine) -> set[int]:
     configured = getattr(getattr(engine.base, "generation_config", None), "eos_token_id", None)
     ids |= set(configured if isinstance(configured, list) else [configured])
     return {i for i in ids if i is not None}
+
+
+def _attempt(fn: Callable[..., Any], *args) -> Any:
+    """fn's result, or the exception it raised (one batch's failed prefill must not fail the others)."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        return err
 
 
 def _one_line(err: BaseException) -> str:

@@ -9,7 +9,9 @@ AdapterBias) gets a view of its own and runs grouped. BitFit and the layer-norm-
 overwrite base tensors: their view holds private copies of exactly those tensors.
 
 Model calls are serialised by one lock: PEFT's mixed batches install forward hooks for the
-duration of a call, so two concurrent calls on one model would see each other's hooks.
+duration of a call, so two concurrent calls on one model would see each other's hooks. The one
+exception is the replica's prefill thread (`prefill_worker.py`): it runs only forwards that install
+no hooks, and whatever changes the model waits for it (`Decoder.quiesce`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from onebase.serve.decode import Decoder, Sampling, Sequence
 from onebase.serve.gathered import GatheredLora
 from onebase.serve.heads import HEADS
 from onebase.serve.lora_pool import LoraPool
+from onebase.serve.packed import PackedLinears, packable
 from onebase.serve.virtual import VirtualTokens, virtual_tokens
 from onebase.spec.schema import PromptSpec
 from onebase.tasks import ROUTES
@@ -86,7 +89,7 @@ class Row:
 
 class BaseEngine:
     def __init__(self, model: str, task: str | None = None, threads: int | None = None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", packed_weights: bool = True) -> None:
         import transformers
 
         if threads:
@@ -112,6 +115,8 @@ class BaseEngine:
             **dict(self.base.named_parameters(remove_duplicate=False)),
             **dict(self.base.named_buffers(remove_duplicate=False)),  # non-persistent ones too (position ids)
         }
+        # Linear weights packed once for the CPU's matmul kernels (`packed.py`); views use the same packs.
+        self.packed = PackedLinears(self.base) if packed_weights and packable(self.dtype) else None
         self.pools: dict[tuple[str, int], Runner] = {}
         self.adapters: dict[str, Loaded] = {}
         self.lock = threading.RLock()
@@ -131,6 +136,7 @@ class BaseEngine:
                                f"(sha256 {self.fingerprint[:12]}...)")
         started = time.perf_counter()
         with self.lock:
+            self.batcher.quiesce()  # no prefill on the model while it changes
             self._serial += 1
             key = f"a{self._serial}"
             try:
@@ -203,6 +209,7 @@ class BaseEngine:
 
     def _detach(self, loaded: Loaded) -> None:
         with self.lock:
+            self.batcher.quiesce()
             self.adapters.pop(loaded.key, None)
             runner = loaded.runner
             runner.keys.discard(loaded.key)
@@ -246,6 +253,8 @@ class BaseEngine:
                         table[name] = _like(shared.detach().clone(), kind)
                     else:
                         table[name] = _like(torch.zeros(tensor.shape, dtype=tensor.dtype), kind)
+        if self.packed is not None:
+            self.packed.apply(model)
         return model.eval().requires_grad_(False)
 
     # ---- inference -------------------------------------------------------------------------

@@ -17,11 +17,15 @@ A forward takes the stacks of the distinct adapters its rows use (u of them) and
   segments), so no token pays for another adapter's rank.
 Zero padding adds exact zeros, so outputs equal PEFT's up to float summation order (tested at
 atol 1e-5 on logits, greedy texts equal).
+
+The rows of the current forward (`rows()`) are per thread: the replica prefills arrivals on a second
+thread while its decoding thread runs decode steps on the same model (`prefill_worker.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -38,9 +42,7 @@ class GatheredLora:
         self.capacity, self.rank = 1, 1
         self.A: dict[nn.Module, torch.Tensor] = {}
         self.B: dict[nn.Module, torch.Tensor] = {}  # transposed: [slots, r, out]
-        self.index: torch.Tensor | None = None  # per-row slot while a gathered forward runs
-        self.used: torch.Tensor | None = None  # the distinct adapter slots of those rows (0 left out)
-        self.mask: torch.Tensor | None = None  # [rows, 1, used, 1]: 1 where the row's slot is that one
+        self._forward = threading.local()  # the rows of the forward each thread runs (`rows()`)
         self.enabled = True  # False: mixed batches take PEFT's path (benchmarks compare the two)
 
     # ---- slots -------------------------------------------------------------------------------
@@ -131,6 +133,21 @@ class GatheredLora:
 
     # ---- the forward -------------------------------------------------------------------------
 
+    @property
+    def index(self) -> torch.Tensor | None:
+        """Per-row slot while this thread runs a gathered forward (None: PEFT's path)."""
+        return getattr(self._forward, "index", None)
+
+    @property
+    def used(self) -> torch.Tensor | None:
+        """The distinct adapter slots of those rows (0 left out)."""
+        return getattr(self._forward, "used", None)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """[rows, 1, used, 1]: 1 where the row's slot is that one (None: every row runs one adapter)."""
+        return getattr(self._forward, "mask", None)
+
     def update(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Each row's B[slot] A[slot] x, for x of [rows, tokens, in]."""
         used = self.used
@@ -154,16 +171,17 @@ class GatheredLora:
     @contextlib.contextmanager
     def rows(self, keys: list[str | None]) -> Iterator[None]:
         """Run the model's LoRA layers gathered for these rows (None or an unknown key: the bare base)."""
-        self.index = torch.tensor([self.slots.get(k, 0) if k else 0 for k in keys], dtype=torch.long)
-        used = self.index.unique()
-        self.used = used[used != 0]
+        state = self._forward
+        state.index = torch.tensor([self.slots.get(k, 0) if k else 0 for k in keys], dtype=torch.long)
+        used = state.index.unique()
+        state.used = used[used != 0]
         # Unneeded when every row runs the one adapter.
-        self.mask = None if len(self.used) == 1 and len(used) == 1 else \
-            (self.index[:, None] == self.used[None, :]).float()[:, None, :, None]
+        state.mask = None if len(state.used) == 1 and len(used) == 1 else \
+            (state.index[:, None] == state.used[None, :]).float()[:, None, :, None]
         try:
             yield
         finally:
-            self.index = self.used = self.mask = None
+            state.index = state.used = state.mask = None
 
     def covers(self, keys: list[str | None]) -> bool:
         return self.enabled and all(k is None or k in self.slots for k in keys)

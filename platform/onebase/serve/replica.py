@@ -57,10 +57,12 @@ class BaseServer:
 
         self.spec = BaseSpec.model_validate(base)
         self.limits = LimitSpec.model_validate(limits)
-        self.engine = BaseEngine(self.spec.name, self.spec.task, threads=self.spec.threads, dtype=self.spec.dtype)
+        self.engine = BaseEngine(self.spec.name, self.spec.task, threads=self.spec.threads, dtype=self.spec.dtype,
+                                 packed_weights=self.spec.packed_weights)
         self.scheduler = Scheduler(self.engine, self.spec.max_batch_size, self.spec.max_queue,
                                    self.spec.batch_wait_ms / 1000, kv_tokens=self.limits.kv_cache_tokens,
-                                   prefix_tokens=self.limits.prefix_cache_tokens)
+                                   prefix_tokens=self.limits.prefix_cache_tokens,
+                                   prefill_thread=self.spec.prefill_thread)
         self.catalog, self.tracking_uri = catalog, tracking_uri
         self._reaper: asyncio.Task | None = None
         self.stats = ReplicaStats(self.spec.model_name)

@@ -45,10 +45,12 @@ class QueueFull(AdapterError):
 
 class Scheduler:
     def __init__(self, engine, max_rows: int, max_queue: int, wait_s: float, kv_tokens: int | None = None,
-                 prefix_tokens: int = 0) -> None:
+                 prefix_tokens: int = 0, prefill_thread: bool = False) -> None:
         self.engine, self.batcher = engine, engine.batcher
         self.batcher.kv = KvBudget(kv_tokens)
         self.batcher.prefix = PrefixCache(prefix_tokens)
+        if prefill_thread:
+            self.batcher.prefill_thread()
         self.max_rows, self.max_queue, self.wait_s = max_rows, max_queue, wait_s
         self.jobs: deque[tuple[str, list, Any, asyncio.AbstractEventLoop]] = deque()  # heads' forwards
         self.wake = threading.Condition()
@@ -61,10 +63,12 @@ class Scheduler:
     # ---- called from the replica's event loop -------------------------------------------------
 
     def load(self) -> dict[str, Any]:
-        """Rows decoding, requests waiting, sequences finished per reason (cancelled: client gone), the
-        KV-cache budget's figures (positions reserved and held, now and at their peak) and the prefix
-        cache's (prompts kept, rows that reused one, prompt tokens reused and prefilled)."""
-        return {"running": self.batcher.running(), "waiting": len(self.batcher.waiting),
+        """Rows decoding, rows being prefilled beside them, requests waiting, sequences finished per reason
+        (cancelled: client gone), the KV-cache budget's figures (positions reserved and held, now and at
+        their peak) and the prefix cache's (prompts kept, rows that reused one, prompt tokens reused and
+        prefilled)."""
+        return {"running": self.batcher.running(), "prefilling": len(self.batcher.prefilling),
+                "waiting": len(self.batcher.waiting),
                 "finished": dict(self.batcher.finished), "kv": self.batcher.kv.summary(),
                 "prefix_cache": self.batcher.prefix.summary()}
 
@@ -119,7 +123,7 @@ class Scheduler:
             with self.wake:
                 while not self.jobs and not self.batcher.pending():
                     self.wake.wait()
-                idle = not self.batcher.running()
+                idle = not self.batcher.running() and not self.batcher.prefilling
             if idle and self.wait_s:
                 time.sleep(self.wait_s)  # an idle replica lets a burst of requests arrive for one prefill
             self._predict()
