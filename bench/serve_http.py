@@ -12,6 +12,11 @@ side by side in one run:
    batcher (same rows, same prefix cache), so the ratio of 2 to 4 is what the HTTP path and the
    processes beside the replica cost.
 
+`--prefill-thread-off` adds the batched server and the in-process engine once more with the replica's
+prefill thread off (`prefill_thread: false`: prefill on the decoding thread between decode steps), and
+`--plain-weights` once more without packed weights (`packed_weights: false`), so each ratio is what that
+option adds.
+
 For the server rows, the CPU seconds each process spent during the load (the replica, the gateway, Serve's
 proxy and controller, the catalog, Ray's daemons, and this script's own client threads), read from /proc
 before and after: on a 2-core machine the clients, the proxy and the gateway take their CPU from the
@@ -19,6 +24,8 @@ replica.
 
     .venv/bin/python bench/serve_http.py --requests 64 --rate 4 --adapters 10      # ~9 min on 2 cores
     .venv/bin/python bench/serve_http.py --requests 128 --rate 8 --adapters 100 --no-one-at-a-time --dtype bfloat16
+    .venv/bin/python bench/serve_http.py --requests 128 --rate 8 --adapters 100 --no-one-at-a-time --no-cache-off \
+        --dtype bfloat16 --prefill-thread-off --plain-weights                     # ~9 min
 Prints and writes bench/results/serve-http.json.
 """
 
@@ -78,12 +85,13 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 
 
 def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, prefix_cache_tokens: int,
-           threads: int, dtype: str) -> dict:
+           threads: int, dtype: str, engine_options: dict | None = None) -> dict:
     """Load the adapters through the admin API, then the Poisson mix; its figures and CPU split."""
     import requests
     from ray import serve
 
-    url = start_server({"max_queue": 256, "max_batch_size": max_batch_size, "dtype": dtype}, 256,
+    url = start_server({"max_queue": 256, "max_batch_size": max_batch_size, "dtype": dtype, **(engine_options or {})},
+                       256,
                        limits={"prefix_cache_tokens": prefix_cache_tokens}, threads=threads)
     try:
         names = []
@@ -98,7 +106,7 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
         figures["cpu_busy_fraction_of_2_cores"] = round(sum(figures["cpu_s"].values()) / (2 * wall), 2)
         figures["tokens_per_s"] = figures["tokens"] / figures["seconds"]
         figures["server"] = {"max_batch_size": max_batch_size, "prefix_cache_tokens": prefix_cache_tokens,
-                             "threads": threads, "dtype": dtype}
+                             "threads": threads, "dtype": dtype, **(engine_options or {})}
         decoding = requests.get(f"{url}/admin/adapters", headers={"Authorization": "Bearer bench"},
                                 timeout=60).json()["decoding_on_a_replica"]
         figures["prefix_cache"] = next(iter(decoding.values()))["prefix_cache"]
@@ -108,9 +116,10 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
 
 
 def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, prefix_cache_tokens: int,
-                  threads: int, dtype: str) -> dict:
+                  threads: int, dtype: str, prefill_thread: bool = True, packed_weights: bool = True) -> dict:
     """The mix's arrivals (poisson_load's seed) submitted into a replica's engine in this process, one
-    thread stepping it as the replica's scheduler does; where its time goes (decode vs prefill steps)."""
+    thread stepping it as the replica's scheduler does (and its prefill thread, as the replica's);
+    where the time goes (decode steps, prefill forwards: with a prefill thread these overlap)."""
     import random
     import threading
 
@@ -118,21 +127,24 @@ def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, p
     from onebase.serve.engine import BaseEngine, Row, load_path
     from onebase.serve.prefix_cache import PrefixCache
 
-    engine = BaseEngine("smollm2-135m-instruct", threads=threads, dtype=dtype)
+    engine = BaseEngine("smollm2-135m-instruct", threads=threads, dtype=dtype, packed_weights=packed_weights)
     loaded = [engine.load(f"adapter{i:03d}", load_path(p)) for i, p in enumerate(adapters)]
     engine.batcher.prefix = PrefixCache(prefix_cache_tokens)
+    if prefill_thread:
+        engine.batcher.prefill_thread()
     seqs: list = []
     spent = {"decode_s": 0.0, "prefill_s": 0.0}
 
     def timed(method, key):
         def run(*args):
             began = time.perf_counter()
-            method(*args)
+            result = method(*args)
             spent[key] += time.perf_counter() - began
+            return result
         return run
 
-    original = decode._Batch.decode, decode._Batch.admit
-    decode._Batch.decode, decode._Batch.admit = timed(original[0], "decode_s"), timed(original[1], "prefill_s")
+    original = decode._Batch.decode, decode._Batch.prefill
+    decode._Batch.decode, decode._Batch.prefill = timed(original[0], "decode_s"), timed(original[1], "prefill_s")
 
     def arrivals() -> None:
         rng = random.Random(3)  # poisson_load's
@@ -153,7 +165,7 @@ def engine_replay(adapters: list[Path], mix: list, rate: float, max_rows: int, p
                 time.sleep(0.002)
         seconds = time.perf_counter() - began
     finally:
-        decode._Batch.decode, decode._Batch.admit = original
+        decode._Batch.decode, decode._Batch.prefill = original
     tokens = sum(len(s.tokens) for s in seqs)
     return {"requests": len(seqs), "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "req_per_s": len(seqs) / seconds, **{k: round(v, 1) for k, v in spent.items()},
@@ -177,6 +189,10 @@ def main() -> None:
                         help="skip the one-row server (minutes at high loads: it serves the whole mix one by one)")
     parser.add_argument("--no-cache-off", action="store_true",
                         help="skip the batched server with its prefix cache off (what the cache adds)")
+    parser.add_argument("--prefill-thread-off", action="store_true",
+                        help="also serve (and replay in-process) with the replica's prefill thread off: what it adds")
+    parser.add_argument("--plain-weights", action="store_true",
+                        help="also serve (and replay in-process) without packed weights (`packed_weights: false`)")
     parser.add_argument("--rows", type=int, default=32, help="the batched server's max_batch_size (its default)")
     parser.add_argument("--prefix-cache-tokens", type=int, default=2048,
                         help="the server's limits.prefix_cache_tokens (its default; 0: off)")
@@ -192,17 +208,23 @@ def main() -> None:
     print(json.dumps({"naive_in_process": out["naive_in_process"]}), flush=True)
     gc.collect()
     prefix = args.prefix_cache_tokens
-    runs = [("server_batched", args.rows, prefix)] + ([] if args.no_one_at_a_time else
-                                                       [("server_one_at_a_time", 1, prefix)])
+    # Each variant is the defaults with one engine option off: what that option adds, same server otherwise.
+    variants = {"": {}, **({"_no_prefill_thread": {"prefill_thread": False}} if args.prefill_thread_off else {}),
+                **({"_plain_weights": {"packed_weights": False}} if args.plain_weights else {})}
+    runs = [("server_batched", args.rows, prefix, {})] + ([] if args.no_one_at_a_time else
+                                                           [("server_one_at_a_time", 1, prefix, {})])
     if args.prefix_cache_tokens and not args.no_cache_off:  # what the prefix cache adds, same server otherwise
-        runs.append(("server_batched_no_prefix_cache", args.rows, 0))
-    for name, rows, prefix_tokens in runs:
-        out[name] = served(adapters, mix, args.rate, rows, prefix_tokens, args.threads, args.dtype)
+        runs.append(("server_batched_no_prefix_cache", args.rows, 0, {}))
+    runs += [(f"server_batched{suffix}", args.rows, prefix, options) for suffix, options in variants.items() if suffix]
+    for name, rows, prefix_tokens, options in runs:
+        out[name] = served(adapters, mix, args.rate, rows, prefix_tokens, args.threads, args.dtype, options)
         print(json.dumps({name: out[name]}), flush=True)
-    out["engine_in_process"] = engine_replay(adapters, mix, args.rate, args.rows, args.prefix_cache_tokens,
-                                             args.threads, args.dtype)
+    for suffix, options in variants.items():
+        name = f"engine_in_process{suffix}"
+        out[name] = engine_replay(adapters, mix, args.rate, args.rows, args.prefix_cache_tokens, args.threads,
+                                  args.dtype, **options)
+        print(json.dumps({name: out[name]}), flush=True)
     torch.set_num_threads(2)  # the naive baseline's, as at the start
-    print(json.dumps({"engine_in_process": out["engine_in_process"]}), flush=True)
     # Measured again at the end: a baseline slowed by a passing load would flatter every ratio; the faster
     # of the two is the one the ratios use.
     out["naive_in_process_again"] = naive_mixed(adapters, mix[: args.naive_requests], args.adapters, args.dtype)
@@ -218,6 +240,12 @@ def main() -> None:
            if "server_one_at_a_time" in out else {}),
         **({"batched_over_batched_without_prefix_cache_tokens": out["server_batched"]["tokens_per_s"]
             / out[cache_off]["tokens_per_s"]} if (cache_off := "server_batched_no_prefix_cache") in out else {}),
+        **{key: value for suffix in variants if suffix for key, value in {
+            f"batched_over_batched{suffix}_tokens": out["server_batched"]["tokens_per_s"]
+            / out[f"server_batched{suffix}"]["tokens_per_s"],
+            f"batched{suffix}_over_naive_in_process_tokens": out[f"server_batched{suffix}"]["tokens_per_s"] / naive_tps,
+            f"engine_over_engine{suffix}_tokens": out["engine_in_process"]["tokens_per_s"]
+            / out[f"engine_in_process{suffix}"]["tokens_per_s"]}.items()},
         "engine_in_process_over_naive_in_process_tokens": out["engine_in_process"]["tokens_per_s"] / naive_tps,
         "batched_over_engine_in_process_tokens": out["server_batched"]["tokens_per_s"]
         / out["engine_in_process"]["tokens_per_s"],
