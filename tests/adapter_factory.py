@@ -55,6 +55,13 @@ def make_adapter(base: Path, out: Path, task: str, method: dict, labels: list[st
     return out
 
 
+def llama_with_adapters(root: Path, methods: dict[str, dict], seed: int) -> tuple[Path, dict[str, Path]]:
+    """A tiny llama base and one causal-LM adapter per named method on it (seeds from `seed` on)."""
+    base = tiny_base(root, "llama")
+    return base, {name: make_adapter(base, root / name, "causal-lm", method, seed=seed + i)
+                  for i, (name, method) in enumerate(methods.items())}
+
+
 def reference_model(base: Path, export: Path, task: str, labels: list[str] | None = LABELS):
     """The tuned model rebuilt the plain way: a fresh base from disk plus the method's own loader."""
     from onebase.methods import load_trained

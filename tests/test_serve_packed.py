@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from adapter_factory import make_adapter, tiny_base
+from adapter_factory import llama_with_adapters
 from onebase.serve.artifacts import inspect
 from onebase.serve.engine import BaseEngine, Row
 
@@ -19,10 +19,7 @@ METHODS = {"lora": {"name": "lora", "r": 4}, "dora": {"name": "dora", "r": 4},
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    root = tmp_path_factory.mktemp("packed")
-    base = tiny_base(root, "llama")
-    return base, {name: make_adapter(base, root / name, "causal-lm", method, seed=500 + i)
-                  for i, (name, method) in enumerate(METHODS.items())}
+    return llama_with_adapters(tmp_path_factory.mktemp("packed"), METHODS, seed=500)
 
 
 def packed_products(engine: BaseEngine, rows: list[Row]) -> int:

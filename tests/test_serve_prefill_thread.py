@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapter_factory import make_adapter, tiny_base
+from adapter_factory import llama_with_adapters, make_adapter
 from onebase.serve.artifacts import inspect
 from onebase.serve.engine import BaseEngine, Row
 
@@ -19,10 +19,7 @@ METHODS = {"lora2": {"name": "lora", "r": 2}, "lora8": {"name": "lora", "r": 8},
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefill-thread")
-    base = tiny_base(root, "llama")
-    return base, {name: make_adapter(base, root / name, "causal-lm", method, seed=400 + i)
-                  for i, (name, method) in enumerate(METHODS.items())}
+    return llama_with_adapters(tmp_path_factory.mktemp("prefill-thread"), METHODS, seed=400)
 
 
 def test_arrivals_prefill_beside_the_decode_steps_with_one_at_a_time_outputs(made, tmp_path):
