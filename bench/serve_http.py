@@ -90,8 +90,8 @@ def served(adapters: list[Path], mix: list, rate: float, max_batch_size: int, pr
     import requests
     from ray import serve
 
-    url = start_server({"max_queue": 256, "max_batch_size": max_batch_size, "dtype": dtype, **(engine_options or {})},
-                       256,
+    base = {"max_queue": 256, "max_batch_size": max_batch_size, "dtype": dtype, **(engine_options or {})}
+    url = start_server(base, 256,
                        limits={"prefix_cache_tokens": prefix_cache_tokens}, threads=threads)
     try:
         names = []
@@ -240,16 +240,16 @@ def main() -> None:
            if "server_one_at_a_time" in out else {}),
         **({"batched_over_batched_without_prefix_cache_tokens": out["server_batched"]["tokens_per_s"]
             / out[cache_off]["tokens_per_s"]} if (cache_off := "server_batched_no_prefix_cache") in out else {}),
-        **{key: value for suffix in variants if suffix for key, value in {
-            f"batched_over_batched{suffix}_tokens": out["server_batched"]["tokens_per_s"]
-            / out[f"server_batched{suffix}"]["tokens_per_s"],
-            f"batched{suffix}_over_naive_in_process_tokens": out[f"server_batched{suffix}"]["tokens_per_s"] / naive_tps,
-            f"engine_over_engine{suffix}_tokens": out["engine_in_process"]["tokens_per_s"]
-            / out[f"engine_in_process{suffix}"]["tokens_per_s"]}.items()},
         "engine_in_process_over_naive_in_process_tokens": out["engine_in_process"]["tokens_per_s"] / naive_tps,
         "batched_over_engine_in_process_tokens": out["server_batched"]["tokens_per_s"]
         / out["engine_in_process"]["tokens_per_s"],
     }
+    for suffix in (s for s in variants if s):  # each engine option against the defaults
+        server = out[f"server_batched{suffix}"]["tokens_per_s"]
+        engine = out[f"engine_in_process{suffix}"]["tokens_per_s"]
+        out["ratios"][f"batched_over_batched{suffix}_tokens"] = out["server_batched"]["tokens_per_s"] / server
+        out["ratios"][f"batched{suffix}_over_naive_in_process_tokens"] = server / naive_tps
+        out["ratios"][f"engine_over_engine{suffix}_tokens"] = out["engine_in_process"]["tokens_per_s"] / engine
     save(args.out, out)
 
 

@@ -382,8 +382,15 @@ class _Batch:
         (forward hooks on the model), not prompt-learning rows."""
         if not self.cached or self.virtual is not None:
             return False
+        return not self.runner.mixed or self._gathered([s.key for s in seqs]) is not None
+
+    def _gathered(self, keys: list[str | None]):
+        """The LoRA pool's gathered path when it covers these rows' adapters (else None: a pool's rows take
+        PEFT's `adapter_names` path, any other model its plain forward)."""
         runner = self.runner
-        return not runner.mixed or (runner.gathered is not None and runner.gathered.covers([s.key for s in seqs]))
+        if runner.mixed and runner.gathered is not None and runner.gathered.covers(keys):
+            return runner.gathered
+        return None
 
     def prefill(self, decoder: Decoder, seqs: list[Sequence]) -> list[tuple[list[Sequence], torch.Tensor, Any,
                                                                             torch.Tensor]]:
@@ -486,8 +493,7 @@ class _Batch:
             return self.virtual.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                                      use_cache=True, **self._last_only(ids.shape[1])).logits[:, -1]
         kwargs: dict[str, Any] = self._last_only(ids.shape[1])
-        gathered = runner.gathered if runner.mixed and runner.gathered is not None and runner.gathered.covers(keys) \
-            else None
+        gathered = self._gathered(keys)
         if runner.mixed and gathered is None:
             kwargs["adapter_names"] = [k or BASE for k in keys]
         if gathered is not None:

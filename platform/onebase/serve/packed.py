@@ -3,8 +3,8 @@
 `F.linear` on a CPU hands oneDNN a plain weight, which it repacks for its kernels on every call; a
 serving replica multiplies the same frozen weights thousands of times a minute. Packing them once
 (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing does) and calling the
-packed product made a decode step's products ~30% faster on this project's CPU (bf16 and fp32,
-results bit-identical in bf16: docs/benchmarks.md issue #12 (e8)).
+packed product made SmolLM2's bf16 products ~30% faster on this project's CPU, with bit-identical
+results (docs/benchmarks.md issue #12 (e8)).
 
 The packed copies sit beside the plain weights (DoRA's norms, tied embeddings and private copies
 still read those), so the base's linear weights take twice their memory: `packed_weights: false` on

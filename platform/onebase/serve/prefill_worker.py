@@ -52,8 +52,8 @@ class PrefillWorker:
         """(True, the finished job's result) or (False, None) when none is done (`block`: wait for the
         job submitted, if any)."""
         with self._cond:
-            while block and (self._job is not None or self._running):
-                self._cond.wait()
+            if block:
+                self.wait_idle()
             if not self._result:
                 return False, None
             return True, self._result.pop()
