@@ -1,10 +1,11 @@
 """The base's linear weights also kept in oneDNN's packed layout, for CPU matrix products.
 
-`F.linear` on a CPU hands oneDNN a plain weight, which it repacks for its kernels on every call; a
-serving replica multiplies the same frozen weights thousands of times a minute. Packing them once
+`F.linear` on a CPU hands oneDNN a plain weight at every call, in the layout the model stores, not
+the one its kernels read best; a serving replica multiplies the same frozen weights thousands of
+times a minute. Packing them once
 (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing does) and calling the
-packed product made SmolLM2's bf16 products ~30% faster on this project's CPU, with bit-identical
-results (docs/benchmarks.md issue #12 (e8)).
+packed product serves more tokens per second, with bit-identical bf16 results on this project's CPU
+(1.05-1.17x through HTTP, side by side: docs/benchmarks.md issue #12 (e8)).
 
 The packed copies sit beside the plain weights (DoRA's norms, tied embeddings and private copies
 still read those), so the base's linear weights take twice their memory: `packed_weights: false` on
